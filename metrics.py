@@ -1,0 +1,96 @@
+"""
+Routing metrics, computed from what the routers returned (routers.Routing). No training
+logic here. Definitions follow DESIGN.md section 4; all are per MoE layer.
+
+RoutingStats accumulates over several forward passes (gradient-accumulation micro-steps,
+evaluation batches) with tensor ops only; summary() turns the totals into Python numbers
+(one device sync), so train.py calls it only on logging steps.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def load_metrics(counts):
+    """From assignment counts per expert [E]:
+    load: fraction of assignments per expert (sums to 1),
+    zero_token_experts: experts that received nothing (GatePro, arXiv 2510.13079, Fig. 4-7),
+    max_vio: (max_i count_i - mean) / mean (Loss-Free Balancing, arXiv 2408.15664, eq. 8),
+    load_cv: std / mean of the counts (population std)."""
+    counts = counts.float()
+    mean = counts.mean().clamp(min=1e-9)
+    return {
+        'load': (counts / counts.sum().clamp(min=1)).tolist(),
+        'zero_token_experts': int((counts == 0).sum()),
+        'max_vio': float((counts.max() - mean) / mean),
+        'load_cv': float(counts.std(unbiased=False) / mean),
+    }
+
+
+def router_entropy(logits):
+    """Per-token entropy (nats) of softmax(logits) over the experts, [N]."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1)
+
+
+def routing_variance(logits):
+    """Per-token population variance of softmax(logits) across experts, [N]: the quantity
+    the variance loss of Guo et al. (arXiv 2505.22323) maximises."""
+    return F.softmax(logits.float(), dim=-1).var(dim=-1, unbiased=False)
+
+
+class RoutingStats:
+    """Running totals per MoE layer over the forward passes given to add()."""
+
+    def __init__(self):
+        self.layers = {}   # layer index -> dict of tensor totals
+        self.losses = {}   # router loss name -> total over layers and passes
+        self.n_passes = 0
+
+    def add(self, routings, full=True):
+        """routings: {layer: Routing} from one forward. full=False counts only the
+        assignments (what the DeepSeek-V3 bias update needs), skipping entropies."""
+        self.n_passes += 1
+        for layer, routing in routings.items():
+            n_exp = routing.logits.size(-1)
+            totals = self.layers.setdefault(layer, {'counts': 0, 'n_requested': 0, 'n_pairs': 0,
+                                                    'entropy_sum': 0.0, 'variance_sum': 0.0, 'n_tokens': 0})
+            totals['counts'] = totals['counts'] + torch.bincount(routing.expert_idx, minlength=n_exp)
+            totals['n_requested'] += routing.n_requested
+            totals['n_pairs'] += routing.n_pairs
+            if full:
+                totals['entropy_sum'] = totals['entropy_sum'] + router_entropy(routing.logits).sum()
+                totals['variance_sum'] = totals['variance_sum'] + routing_variance(routing.logits).sum()
+                totals['n_tokens'] += routing.logits.size(0)
+            for name, value in routing.losses.items():
+                self.losses[name] = self.losses.get(name, 0.0) + value.detach()
+
+    def counts(self, layer):
+        return self.layers[layer]['counts']
+
+    def loss_summary(self):
+        """Mean per forward pass of each router loss, summed over layers."""
+        return {name: float(total) / self.n_passes for name, total in self.losses.items()}
+
+    def summary(self):
+        """One dict per layer, in layer order, with Python numbers (for logs and JSON)."""
+        rows = []
+        for layer in sorted(self.layers):
+            totals = self.layers[layer]
+            row = {'layer': layer, **load_metrics(totals['counts'])}
+            if totals['n_tokens'] > 0:
+                row['router_entropy'] = float(totals['entropy_sum']) / totals['n_tokens']
+                row['routing_variance'] = float(totals['variance_sum']) / totals['n_tokens']
+            row['dropped_frac'] = 1.0 - totals['n_pairs'] / max(totals['n_requested'], 1)
+            rows.append(row)
+        return rows
+
+
+def format_routing_table(rows):
+    """A compact per-layer table for the console."""
+    lines = ['layer | load min   max | zero-token | max_vio | entropy | dropped']
+    for row in rows:
+        lines.append(f"{row['layer']:5d} | {min(row['load']):8.3f} {max(row['load']):5.3f} | "
+                     f"{row['zero_token_experts']:10d} | {row['max_vio']:7.3f} | "
+                     f"{row.get('router_entropy', float('nan')):7.3f} | {row['dropped_frac']:7.3f}")
+    return '\n'.join(lines)

@@ -1,0 +1,346 @@
+"""
+A GPT-2 style decoder whose feed-forward blocks can be Mixtures of Experts.
+
+Data flow of one MoE feed-forward (N = B*T tokens, k experts per token):
+    h [N, d] -> router -> P (token, expert, weight) pairs      (routers.py)
+    sort pairs by expert -> each expert runs on its contiguous group of tokens
+    y[token] += weight * expert_out  (index_add back to [N, d])
+Cost is O(N*k*d) memory and compute: no one-hot [N, E, capacity] dispatch tensors.
+
+References:
+1) GPT-2: https://github.com/openai/gpt-2 (architecture, init)
+2) nanoGPT: https://github.com/karpathy/nanoGPT (the shape of this file)
+3) Switch Transformer, arXiv 2101.03961; GShard, arXiv 2006.16668 (capacity)
+4) DeepSeekMoE, arXiv 2401.06066 (shared experts)
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from routers import ROUTERS, build_router, capacity_keep_mask, expert_capacity
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias (torch's LayerNorm cannot drop only the bias)."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config, hidden=None):
+        super().__init__()
+        hidden = hidden or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Experts(nn.Module):
+    """E feed-forward experts (d -> h -> d, GELU, no bias) with their weights stacked,
+    w_fc [E, d, h] and w_proj [E, h, d], so one grouped GEMM can run them all.
+
+    Input: the tokens already sorted by expert, x [P, d], and counts [E] (how many rows
+    belong to each expert). Output: [P, d], row for row."""
+
+    def __init__(self, config):
+        super().__init__()
+        E, d, h = config.n_exp, config.n_embd, config.expert_hidden
+        # GPT-2 init, like every Linear here (GPT rescales w_proj with the residual projections)
+        self.w_fc = nn.Parameter(torch.randn(E, d, h) * 0.02)
+        self.w_proj = nn.Parameter(torch.randn(E, h, d) * 0.02)
+
+    def forward(self, x, counts):
+        # unbind(0) gives views whose gradients autograd stacks once; indexing w[e] in the
+        # loop would allocate a full [E, d, h] gradient per expert (O(E^2) at E=64).
+        outs = []
+        groups = x.split(counts.tolist())
+        for x_e, w_fc, w_proj in zip(groups, self.w_fc.unbind(0), self.w_proj.unbind(0)):
+            outs.append(F.gelu(x_e @ w_fc) @ w_proj)
+        return torch.cat(outs)
+
+
+class MoE(nn.Module):
+    """Router + sort-based dispatch + experts + combine (+ optional shared experts)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_exp = config.n_exp
+        self.top_k = config.top_k
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
+        self.router = build_router(config)
+        self.experts = Experts(config)
+        # DeepSeekMoE (arXiv 2401.06066) shared experts: always on, so they learn what every
+        # token needs and the routed experts can specialise. n shared experts of width h
+        # are one MLP of width n*h.
+        self.shared = MLP(config, config.n_shared_exp * config.expert_hidden) if config.n_shared_exp > 0 else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, token_ids=None):
+        B, T, C = x.size()
+        h = x.reshape(B * T, C)
+        routing = self.router(h, None if token_ids is None else token_ids.reshape(-1))
+
+        # capacity (Switch sec. 2.2): assignments past an expert's capacity are dropped;
+        # the token then keeps only its residual. None = dropless.
+        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if capacity_factor is not None and getattr(self.router, 'token_choice', True):
+            capacity = expert_capacity(B * T, self.n_exp, self.top_k, capacity_factor)
+            keep = capacity_keep_mask(routing.expert_idx, self.n_exp, capacity)
+            routing.token_idx = routing.token_idx[keep]
+            routing.expert_idx = routing.expert_idx[keep]
+            routing.weight = routing.weight[keep]
+
+        # dispatch: sort the pairs by expert so each expert reads one contiguous block
+        order = torch.argsort(routing.expert_idx, stable=True)
+        token_sorted = routing.token_idx[order]
+        counts = torch.bincount(routing.expert_idx, minlength=self.n_exp)
+        expert_out = self.experts(h[token_sorted], counts)
+
+        # combine: y[token] += weight * expert(token)
+        weighted = expert_out * routing.weight[order].unsqueeze(1).to(expert_out.dtype)
+        y = torch.zeros(B * T, C, device=x.device, dtype=weighted.dtype).index_add_(0, token_sorted, weighted)
+        if self.shared is not None:
+            y = y + self.shared(h)
+        return self.dropout(y.to(x.dtype)).view(B, T, C), routing
+
+
+class Block(nn.Module):
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, bias=config.bias)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.ffn = MoE(config) if self.is_moe else MLP(config)
+
+    def forward(self, x, token_ids=None):
+        x = x + self.attn(self.ln_1(x))
+        routing = None
+        if self.is_moe:
+            y, routing = self.ffn(self.ln_2(x), token_ids)
+        else:
+            y = self.ffn(self.ln_2(x))
+        return x + y, routing
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 256
+    vocab_size: int = 50304
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False  # bias in Linears and LayerNorms (GPT-2 has them; a bit better and faster without)
+    # Mixture of Experts
+    n_exp: int = 8  # experts per MoE layer; 0 or 1 = a dense MLP everywhere
+    top_k: int = 2  # experts per token (token-choice routers)
+    moe_every: int = 1  # 1 = every layer is MoE; 2 = layers 1, 3, 5, ... (every other, as in GShard/Switch)
+    expert_hidden: int = 0  # per-expert hidden width; 0 = 4*n_embd/(top_k+n_shared_exp), equal active FFN compute to the dense MLP
+    n_shared_exp: int = 0  # always-on shared experts (DeepSeekMoE)
+    capacity_factor: Optional[float] = None  # None = dropless; else assignments past capacity are dropped
+    eval_capacity_factor: Optional[float] = None  # None = same as capacity_factor
+    # router (routers.py)
+    router: str = 'topk'
+    renormalize: bool = True  # top-k weights divided by their sum (Mixtral) or not (OLMoE)
+    aux_loss_coef: float = 0.01  # Switch balance loss, Fedus et al. 2021 sec. 2.2
+    z_loss_coef: float = 0.001  # router z-loss, Zoph et al. 2022 (ST-MoE) sec. 3.1
+
+    def __post_init__(self):
+        # every problem here is a user's setting: say which, and what would work
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.moe_every < 1:
+            raise ValueError(f"moe_every={self.moe_every} must be >= 1")
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}; available: {', '.join(sorted(ROUTERS))}")
+        if self.n_exp > 1:
+            if not 1 <= self.top_k <= self.n_exp:
+                raise ValueError(f"top_k={self.top_k} must be between 1 and n_exp={self.n_exp}")
+            for name in ('capacity_factor', 'eval_capacity_factor'):
+                value = getattr(self, name)
+                if value is not None and value <= 0:
+                    raise ValueError(f"{name}={value} must be > 0, or None for dropless routing")
+            if self.eval_capacity_factor is None:
+                self.eval_capacity_factor = self.capacity_factor
+            if self.expert_hidden <= 0:
+                self.expert_hidden = max(1, 4 * self.n_embd // (self.top_k + self.n_shared_exp))
+
+    @property
+    def use_moe(self):
+        return self.n_exp > 1
+
+    def is_moe_layer(self, layer_idx):
+        return self.use_moe and layer_idx % self.moe_every == self.moe_every - 1
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.vocab_size is not None and config.block_size is not None
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (Press & Wolf 2017): the input embedding is the output projection
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2*n_layer), since each layer adds two
+        # residual branches whose variance accumulates
+        proj_std = 0.02 / math.sqrt(2 * config.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith('c_proj.weight') or name.endswith('experts.w_proj'):
+                torch.nn.init.normal_(p, mean=0.0, std=proj_std)
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def moe_layers(self):
+        """(layer index, MoE module) for every MoE layer."""
+        return [(i, block.ffn) for i, block in enumerate(self.transformer.h) if block.is_moe]
+
+    def get_num_params(self, non_embedding=True):
+        """Parameter count; position embeddings excluded by default (token embeddings stay:
+        they are tied to the lm_head, which does real matmul work)."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def get_num_active_params(self, non_embedding=True):
+        """Parameters a token actually uses: each MoE layer's experts count for
+        experts_per_token/E of their size (k/E for token choice)."""
+        n_params = self.get_num_params(non_embedding)
+        for _, moe in self.moe_layers():
+            expert_params = sum(p.numel() for p in moe.experts.parameters())
+            per_token = getattr(moe.router, 'experts_per_token', moe.top_k)
+            n_params -= expert_params * (1 - per_token / moe.n_exp)
+        return int(n_params)
+
+    def forward(self, idx, targets=None):
+        """Returns (logits, loss, routings). routings maps MoE layer index -> Routing.
+        loss = cross-entropy + the sum of every router's (already scaled) losses."""
+        device = idx.device
+        b, t = idx.size()
+        if t > self.config.block_size:
+            raise ValueError(f"sequence of length {t} is longer than block_size={self.config.block_size}")
+        pos = torch.arange(0, t, dtype=torch.long, device=device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        routings = {}
+        for i, block in enumerate(self.transformer.h):
+            x, routing = block(x, idx)
+            if routing is not None:
+                routings[i] = routing
+        x = self.transformer.ln_f(x)
+
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            for routing in routings.values():
+                for value in routing.losses.values():
+                    loss = loss + value
+        else:
+            # inference: only the last position's logits are needed
+            logits = self.lm_head(x[:, [-1], :])
+            loss = None
+        return logits, loss, routings
+
+    def crop_block_size(self, block_size):
+        assert block_size <= self.config.block_size
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # weight decay on matrices (Linear, embeddings, stacked experts), none on 1-D
+        # parameters (biases, LayerNorm gains)
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay_params = [p for p in params if p.dim() >= 2]
+        nodecay_params = [p for p in params if p.dim() < 2]
+        optim_groups = [
+            {'params': decay_params, 'weight_decay': weight_decay},
+            {'params': nodecay_params, 'weight_decay': 0.0},
+        ]
+        use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
+        extra_args = dict(fused=True) if use_fused else dict()
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+        """Model FLOPs utilisation against peak_flops (default: A100 bf16, 312 TFLOPS).
+        PaLM appendix B: 6*N flops per token for the weights plus 12*L*H*Q*T for attention,
+        with N the ACTIVE parameters: an MoE token only touches its k experts."""
+        N = self.get_num_active_params()
+        cfg = self.config
+        L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
+        flops_per_token = 6 * N + 12 * L * H * Q * T
+        flops_per_iter = flops_per_token * T * fwdbwd_per_iter
+        return flops_per_iter / dt / peak_flops
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, return_experts=False):
+        """Sample max_new_tokens tokens after idx [B, T]. With return_experts=True also
+        return, for each generated position, the top-1 expert of every MoE layer that
+        processed the token that was fed in at that step: a list of {layer: [B] experts}
+        (the expert with the largest gate weight; -1 if the token got none)."""
+        experts = []
+        for _ in range(max_new_tokens):
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _, routings = self(idx_cond)
+            if return_experts:
+                B, T = idx_cond.shape
+                experts.append({layer: r.top_expert(B * T).view(B, T)[:, -1] for layer, r in routings.items()})
+            logits = logits[:, -1, :] / temperature
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float('Inf')
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return (idx, experts) if return_experts else idx

@@ -1,0 +1,126 @@
+"""
+Sample from a trained model, optionally showing which expert took each token.
+
+$ python sample.py --out_dir=out
+$ python sample.py --out_dir=out --start="12+7=" --show_experts=True
+"""
+
+import os
+import pickle
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from configurator import ConfigError, apply_overrides
+from model import GPT, GPTConfig
+
+# -----------------------------------------------------------------------------
+out_dir = 'out'  # where train.py wrote ckpt.pt
+start = '\n'  # prompt, or "FILE:prompt.txt" to read it from a file
+num_samples = 3
+max_new_tokens = 300
+temperature = 0.8  # < 1 sharper, > 1 more random
+top_k = 200  # sample among the top_k most likely tokens only
+show_experts = False  # print, under each generated token, the top expert of every MoE layer
+seed = 1337
+device = 'auto'  # 'auto' = cuda > mps > cpu
+dtype = 'auto'
+compile = False
+# -----------------------------------------------------------------------------
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+defaults = {k: v for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+try:
+    overrides, _ = apply_overrides(defaults, sys.argv[1:])
+except ConfigError as e:
+    fail(e)
+globals().update(overrides)
+
+if device == 'auto':
+    device = 'cuda' if torch.cuda.is_available() else ('mps' if torch.backends.mps.is_available() else 'cpu')
+device_type = 'cuda' if 'cuda' in device else ('mps' if 'mps' in device else 'cpu')
+if dtype == 'auto':
+    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+ctx = nullcontext() if device_type != 'cuda' or dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+torch.manual_seed(seed)
+
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+if not os.path.exists(ckpt_path):
+    fail(f"no checkpoint at {ckpt_path}; train first (python train.py) or pass --out_dir")
+checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+model = GPT(GPTConfig(**checkpoint['model_args']))
+model.load_state_dict(checkpoint['model'])
+model.eval()
+model.to(device)
+if compile:
+    model = torch.compile(model)
+
+# the tokenizer: the dataset's meta.pkl (characters or a tiktoken encoding name)
+train_config = checkpoint.get('config', {})
+repo_dir = os.path.dirname(os.path.abspath(__file__))
+data_dir = train_config.get('data_dir') or os.path.join(repo_dir, 'data', train_config.get('dataset', ''))
+meta_path = os.path.join(data_dir, 'meta.pkl')
+meta = None
+if os.path.exists(meta_path):
+    with open(meta_path, 'rb') as f:
+        meta = pickle.load(f)
+if meta is not None and 'stoi' in meta:
+    stoi, itos = meta['stoi'], meta['itos']
+    unknown = sorted(set(c for c in start if c not in stoi))
+    if unknown:
+        fail(f"the prompt has characters the dataset never saw: {''.join(unknown)!r}; change --start")
+    encode = lambda s: [stoi[c] for c in s]
+    decode = lambda ids: ''.join(itos[i] for i in ids)
+else:
+    import tiktoken
+    enc = tiktoken.get_encoding(meta.get('encoding', 'gpt2') if meta else 'gpt2')
+    encode = lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})
+    decode = lambda ids: enc.decode(ids)
+
+if start.startswith('FILE:'):
+    with open(start[5:], 'r', encoding='utf-8') as f:
+        start = f.read()
+start_ids = encode(start)
+if not start_ids:
+    fail("the prompt --start is empty; give at least one token")
+x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, ...]
+
+
+def expert_char(e):
+    # one character per expert so the rows line up under the text: 0-9, a-z, A-Z, then '+'
+    symbols = '0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ'
+    return '.' if e < 0 else (symbols[e] if e < len(symbols) else '+')
+
+
+def show_routing(tokens, experts, width=80):
+    """Print the text in rows of `width` characters, each followed by one row per MoE layer
+    with the expert that processed the character above it. Newlines show as '|'."""
+    layers = sorted(experts[0]) if experts else []
+    text = ''.join(t.replace('\n', '|') for t in tokens)
+    rows = {layer: ''.join(expert_char(e[layer]) * len(t) for t, e in zip(tokens, experts)) for layer in layers}
+    for i in range(0, len(text), width):
+        print(text[i:i + width])
+        for layer in layers:
+            print(rows[layer][i:i + width] + f'   <- layer {layer}')
+        print()
+
+
+with torch.no_grad(), ctx:
+    for _ in range(num_samples):
+        y, experts = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, return_experts=True)
+        if not show_experts:
+            print(decode(y[0].tolist()))
+        else:
+            # experts[i] is the routing of the token fed in at step i (the prompt's last token,
+            # then each generated token but the last): so it belongs to token len(prompt)-1+i.
+            fed = y[0, len(start_ids) - 1:-1].tolist()
+            print(decode(start_ids[:-1]), end='')
+            show_routing([decode([t]) for t in fed], [{k: int(v[0]) for k, v in step.items()} for step in experts])
+        print('---------------')

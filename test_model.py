@@ -1,0 +1,175 @@
+"""Tests of model.py: the MoE layer against a naive per-token reference, causality,
+shapes and parameter counts. CPU, fp32, tiny models."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, MoE, GPTConfig
+from routers import expert_capacity
+
+
+def tiny_config(**overrides):
+    args = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=32, n_exp=4, top_k=2, dropout=0.0)
+    args.update(overrides)
+    return GPTConfig(**args)
+
+
+def naive_keep(expert_idx, n_exp, capacity):
+    """Capacity by hand: walk the pairs in order, keep a pair while its expert has room."""
+    used = [0] * n_exp
+    keep = []
+    for e in expert_idx.tolist():
+        keep.append(used[e] < capacity)
+        used[e] += 1
+    return keep
+
+
+def naive_moe(moe, x, capacity_factor=None):
+    """For each token: sum over its (kept) assignments of weight * expert(x_token), one token
+    and one expert at a time, plus the shared experts."""
+    B, T, C = x.shape
+    h = x.reshape(B * T, C)
+    routing = moe.router(h)
+    keep = [True] * routing.n_pairs
+    if capacity_factor is not None:
+        keep = naive_keep(routing.expert_idx, moe.n_exp, expert_capacity(B * T, moe.n_exp, moe.top_k, capacity_factor))
+    y = torch.zeros_like(h)
+    for p in range(routing.n_pairs):
+        if not keep[p]:
+            continue
+        t, e, w = int(routing.token_idx[p]), int(routing.expert_idx[p]), routing.weight[p]
+        y[t] += w * (F.gelu(h[t] @ moe.experts.w_fc[e]) @ moe.experts.w_proj[e])
+    if moe.shared is not None:
+        y = y + moe.shared(h)
+    return y.view(B, T, C), sum(keep)
+
+
+@pytest.mark.parametrize('overrides', [
+    dict(),
+    dict(top_k=1),
+    dict(top_k=3, renormalize=False),
+    dict(n_shared_exp=1),
+    dict(n_exp=8, top_k=2, expert_hidden=24),
+])
+def test_moe_matches_naive_reference(overrides):
+    torch.manual_seed(0)
+    moe = MoE(tiny_config(**overrides)).eval()
+    x = torch.randn(3, 7, 32)
+    y, routing = moe(x)
+    y_ref, n_kept = naive_moe(moe, x)
+    assert routing.n_pairs == n_kept == 3 * 7 * moe.top_k
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('capacity_factor', [0.5, 1.0, 1.25])
+def test_moe_with_capacity_matches_naive_reference(capacity_factor):
+    torch.manual_seed(1)
+    config = tiny_config(capacity_factor=capacity_factor)
+    moe = MoE(config).train()
+    # skew the router so expert 0 overflows: inputs with a positive mean, gate row 0 along it
+    with torch.no_grad():
+        moe.router.gate.weight[0] += 0.1
+    x = torch.randn(4, 8, 32) + 0.5
+    y, routing = moe(x)
+    y_ref, n_kept = naive_moe(moe, x, capacity_factor)
+    assert routing.n_pairs == n_kept
+    assert routing.n_pairs < routing.n_requested  # something was dropped
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_dropped_token_keeps_its_residual():
+    torch.manual_seed(2)
+    config = tiny_config(top_k=1, capacity_factor=0.25)
+    moe = MoE(config).train()
+    x = torch.randn(1, 16, 32)
+    y, routing = moe(x)
+    routed = set(routing.token_idx.tolist())
+    dropped = [t for t in range(16) if t not in routed]
+    assert dropped, "capacity 0.25 with 16 tokens and 4 experts must drop some tokens"
+    # the MoE contributes exactly zero to a dropped token: its block output is the residual
+    assert torch.all(y.view(16, 32)[dropped] == 0)
+
+
+def test_eval_capacity_factor_is_used_in_eval():
+    config = tiny_config(capacity_factor=0.5, eval_capacity_factor=4.0)
+    moe = MoE(config)
+    x = torch.randn(2, 8, 32)
+    _, routing_train = moe.train()(x)
+    _, routing_eval = moe.eval()(x)
+    assert routing_eval.n_pairs == routing_eval.n_requested  # 4.0 never drops with 4 experts
+    assert routing_train.n_pairs <= expert_capacity(16, 4, 2, 0.5) * 4
+
+
+def test_token_choice_model_is_causal():
+    torch.manual_seed(3)
+    model = GPT(tiny_config(n_layer=3)).eval()
+    idx = torch.randint(0, 37, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = torch.randint(0, 37, (2, 6))
+    logits_a, _, _ = model(idx, idx)  # targets given: logits for every position
+    logits_b, _, _ = model(changed, changed)
+    # not bit-exact: the experts' matmuls see groups of other sizes, which changes the
+    # order of float additions (~1e-8); a leak would move the logits by ~1e-2
+    torch.testing.assert_close(logits_a[:, :10], logits_b[:, :10], atol=1e-6, rtol=0)
+    assert (logits_a[:, 10:] - logits_b[:, 10:]).abs().max() > 1e-3
+
+
+def test_expert_hidden_default_matches_dense_active_compute():
+    # dense MLP: d -> 4d -> d. top-k experts of width 4d/k: the same multiply-adds per token
+    assert tiny_config(top_k=2).expert_hidden == 64
+    assert tiny_config(top_k=1).expert_hidden == 128
+    assert tiny_config(top_k=1, n_shared_exp=1).expert_hidden == 64
+    assert tiny_config(expert_hidden=50).expert_hidden == 50
+
+
+def test_active_parameter_count():
+    config = tiny_config(n_layer=2, n_exp=4, top_k=2, moe_every=2)  # layer 1 is MoE, layer 0 dense
+    model = GPT(config)
+    assert [i for i, _ in model.moe_layers()] == [1]
+    expert_params = 2 * 4 * 32 * 64  # w_fc and w_proj of 4 experts
+    # a token uses 2 of the 4 experts: half the expert parameters are inactive
+    assert model.get_num_params() - model.get_num_active_params() == expert_params // 2
+
+
+def test_dense_model_when_n_exp_is_one():
+    model = GPT(tiny_config(n_exp=1))
+    assert model.moe_layers() == []
+    idx = torch.randint(0, 37, (2, 8))
+    logits, loss, routings = model(idx, idx)
+    assert routings == {}
+    assert abs(loss.item() - math.log(37)) < 0.5  # near-uniform predictions at init
+
+
+def test_router_losses_are_added_to_the_loss():
+    torch.manual_seed(4)
+    model = GPT(tiny_config(aux_loss_coef=0.5, z_loss_coef=0.25))
+    idx = torch.randint(0, 37, (2, 8))
+    logits, loss, routings = model(idx, idx)
+    lm_loss = F.cross_entropy(logits.view(-1, 37), idx.view(-1))
+    router_total = sum(v for r in routings.values() for v in r.losses.values())
+    assert len(routings) == 2 and all(set(r.losses) == {'aux', 'z'} for r in routings.values())
+    torch.testing.assert_close(loss, lm_loss + router_total)
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(top_k=5, n_exp=4), 'top_k=5'),
+    (dict(n_embd=30, n_head=4), 'n_embd=30'),
+    (dict(router='nope'), 'available: '),
+    (dict(capacity_factor=0.0), 'capacity_factor=0.0'),
+])
+def test_config_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**bad)
+
+
+def test_generate_reports_experts():
+    torch.manual_seed(5)
+    model = GPT(tiny_config()).eval()
+    idx = torch.randint(0, 37, (2, 4))
+    out, experts = model.generate(idx, 5, return_experts=True)
+    assert out.shape == (2, 9)
+    assert len(experts) == 5 and set(experts[0]) == {0, 1}
+    assert all(0 <= int(e) < 4 for step in experts for layer in step.values() for e in layer)
