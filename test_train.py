@@ -1,0 +1,176 @@
+"""End-to-end tests of train.py and sample.py as a user runs them (subprocesses), on a
+tiny generated dataset in a temporary folder. Also the config parser, in-process."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from typing import Optional
+
+import numpy as np
+import pytest
+import torch
+
+from configurator import ConfigError, apply_overrides
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TINY = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--n_exp=4', '--top_k=2',
+        '--batch_size=4', '--block_size=16', '--eval_iters=2', '--log_interval=5', '--warmup_iters=2']
+
+
+def run(args, cwd=REPO, script='train.py'):
+    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    """A small learnable character dataset (13 symbols, 20k train and 4k val tokens): a
+    Markov chain whose next symbol is the following one in the alphabet 90% of the time."""
+    path = tmp_path_factory.mktemp('tinydata')
+    rng = np.random.default_rng(0)
+    chars = sorted('abcdefgh ijk\n')
+    steps = np.where(rng.random(24_000) < 0.9, 1, rng.integers(0, len(chars), 24_000))
+    ids = (np.cumsum(steps) % len(chars)).astype(np.uint16)
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids[:20_000].tofile(path / 'train.bin')
+    ids[20_000:].tofile(path / 'val.bin')
+    with open(path / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': len(chars), 'stoi': stoi, 'itos': {i: c for c, i in stoi.items()}}, f)
+    return str(path)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert 'Traceback' not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# -----------------------------------------------------------------------------
+# the config parser, in-process
+
+
+def test_overrides_parse_and_convert(tmp_path):
+    defaults = {'learning_rate': 1e-3, 'n_layer': 4, 'router': 'topk', 'compile': False, 'capacity_factor': None}
+    config_file = tmp_path / 'my_config.py'
+    config_file.write_text("n_layer = 6\nrouter = 'topk'\nimport os\n_private = 1\n")
+    config, user_keys = apply_overrides(defaults, [str(config_file), '--learning_rate=1', '--compile=True',
+                                                   '--capacity_factor=1.25'], {'capacity_factor': Optional[float]})
+    assert config == {'learning_rate': 1.0, 'n_layer': 6, 'router': 'topk', 'compile': True, 'capacity_factor': 1.25}
+    assert isinstance(config['learning_rate'], float)
+    assert user_keys == {'n_layer', 'router', 'learning_rate', 'compile', 'capacity_factor'}
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--lerning_rate=1e-3'], "unknown config key 'lerning_rate' in --lerning_rate; did you mean learning_rate?"),
+    (['--n_layer=abc'], "n_layer expects int, got 'abc' (str) in --n_layer"),
+    (['--n_layer=2.5'], "n_layer expects int, got 2.5 (float) in --n_layer"),
+    (['--n_layer=True'], "n_layer expects int, got True (bool)"),
+    (['--compile'], "argument '--compile' needs a value: write --compile=VALUE"),
+    (['no/such/config.py'], "config file 'no/such/config.py' not found"),
+])
+def test_override_errors(argv, message):
+    defaults = {'learning_rate': 1e-3, 'n_layer': 4, 'compile': False}
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(defaults, argv)
+    assert message in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# train.py end to end
+
+
+def test_train_logs_checkpoints_resumes_and_samples(data_dir, tmp_path):
+    out_dir = str(tmp_path / 'out')
+    result = run([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=20', '--eval_interval=10',
+                  '--learning_rate=1e-2'])
+    assert result.returncode == 0, result.stderr
+    assert 'step 10: train loss' in result.stdout and 'zero-token' in result.stdout  # routing table
+
+    # metrics.jsonl: the schema the README documents
+    records = [json.loads(line) for line in open(os.path.join(out_dir, 'metrics.jsonl'))]
+    train = [r for r in records if r['split'] == 'train']
+    val = [r for r in records if r['split'] == 'val']
+    assert [r['iter'] for r in train] == [0, 5, 10, 15, 20]
+    assert [r['iter'] for r in val] == [0, 10, 20]
+    for r in records:
+        assert {'iter', 'split', 'loss', 'lr', 'losses', 'layers'} <= set(r)
+        assert set(r['losses']) == {'aux', 'z'}
+        assert [layer['layer'] for layer in r['layers']] == [0, 1]
+        for layer in r['layers']:
+            assert len(layer['load']) == 4 and abs(sum(layer['load']) - 1) < 1e-6
+            assert 0 <= layer['zero_token_experts'] <= 4
+            assert layer['max_vio'] >= 0 and 0 <= layer['router_entropy'] <= np.log(4) + 1e-6
+    assert val[-1]['loss'] < val[0]['loss']  # it learns
+
+    ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)
+    assert ckpt['iter_num'] == 20 and ckpt['model_args']['n_exp'] == 4
+    assert set(ckpt) >= {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config'}
+
+    # resume: continues at the saved iteration, with the saved weights and optimizer
+    result = run([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=30', '--eval_interval=10',
+                  '--init_from=resume'])
+    assert result.returncode == 0, result.stderr
+    assert 'resuming from' in result.stdout and 'at iter 20' in result.stdout
+    records = [json.loads(line) for line in open(os.path.join(out_dir, 'metrics.jsonl'))]
+    assert [r['iter'] for r in records if r['split'] == 'val'] == [0, 10, 20, 20, 30]  # appended
+    resumed_val = [r['loss'] for r in records if r['split'] == 'val']
+    assert abs(resumed_val[3] - resumed_val[2]) < 0.3  # same model: not back at the initial loss
+    assert resumed_val[3] < resumed_val[0] - 0.1
+
+    # sample.py on that checkpoint, with the expert of each character
+    result = run([f'--out_dir={out_dir}', '--num_samples=1', '--max_new_tokens=20', '--show_experts=True',
+                  '--start=ab', '--device=cpu'], script='sample.py')
+    assert result.returncode == 0, result.stderr
+    assert '<- layer 0' in result.stdout and '<- layer 1' in result.stdout
+
+
+def test_resume_errors_write_nothing(data_dir, tmp_path):
+    out_dir = tmp_path / 'out'
+    result = run([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=4', '--eval_interval=2'])
+    assert result.returncode == 0, result.stderr
+    ckpt_before = (out_dir / 'ckpt.pt').read_bytes()
+    log_before = (out_dir / 'metrics.jsonl').read_text()
+
+    # a dataset with another vocabulary
+    other = tmp_path / 'otherdata'
+    other.mkdir()
+    np.arange(3000, dtype=np.uint16).tofile(other / 'train.bin')
+    np.arange(3000, dtype=np.uint16).tofile(other / 'val.bin')
+    with open(other / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 3000}, f)
+    result = run([*TINY, f'--data_dir={other}', f'--out_dir={out_dir}', '--init_from=resume'])
+    assert_one_line_error(result, 'vocab_size=13', 'vocab_size=3000')
+
+    # an architecture change on resume
+    result = run([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--init_from=resume', '--n_layer=3'])
+    assert_one_line_error(result, 'n_layer=3', "checkpoint's n_layer=2")
+
+    assert (out_dir / 'ckpt.pt').read_bytes() == ckpt_before
+    assert (out_dir / 'metrics.jsonl').read_text() == log_before
+
+
+@pytest.mark.parametrize('args, fragments', [
+    (['--top_k=5'], ['top_k=5', 'n_exp=4']),
+    (['--n_embd=33'], ['n_embd=33', 'n_head=2']),
+    (['--block_size=5000'], ['block_size=5000', 'lower --block_size']),
+    (['--router=nope'], ["unknown router 'nope'", 'topk']),
+    (['--lerning_rate=0.1'], ["'lerning_rate'", 'learning_rate']),
+    (['--max_iters=ten'], ['max_iters expects int', "'ten'"]),
+    (['--init_from=resume'], ['ckpt.pt does not exist']),
+])
+def test_bad_settings_are_one_line_errors(data_dir, tmp_path, args, fragments):
+    out_dir = tmp_path / 'out'
+    result = run([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', *args])
+    assert_one_line_error(result, *fragments)
+    assert not out_dir.exists()  # nothing written
+
+
+def test_missing_dataset_names_the_prepare_command(tmp_path):
+    result = run([*TINY, '--dataset=shakespeare_char', f'--data_dir={tmp_path / "empty"}', f'--out_dir={tmp_path / "out"}'])
+    assert_one_line_error(result, 'python data/shakespeare_char/prepare.py')
+    assert not (tmp_path / 'out').exists()
