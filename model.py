@@ -293,11 +293,6 @@ class GPT(nn.Module):
             loss = None
         return logits, loss, routings
 
-    def crop_block_size(self, block_size):
-        assert block_size <= self.config.block_size
-        self.config.block_size = block_size
-        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
-
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         # weight decay on matrices (Linear, embeddings, stacked experts), none on 1-D
         # parameters (biases, LayerNorm gains)

@@ -121,6 +121,6 @@ with torch.no_grad(), ctx:
             # experts[i] is the routing of the token fed in at step i (the prompt's last token,
             # then each generated token but the last): so it belongs to token len(prompt)-1+i.
             fed = y[0, len(start_ids) - 1:-1].tolist()
-            print(decode(start_ids[:-1]), end='')
+            print(f"prompt {start!r}; from its last token on, each token with its top expert per MoE layer:")
             show_routing([decode([t]) for t in fed], [{k: int(v[0]) for k, v in step.items()} for step in experts])
         print('---------------')

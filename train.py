@@ -205,7 +205,7 @@ iter_num = 0
 best_val_loss = 1e9
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 model_args = {k: config[k] for k in model_keys}
-model_args['vocab_size'] = meta_vocab_size if meta_vocab_size is not None else 50304
+model_args['vocab_size'] = meta_vocab_size or config['vocab_size']  # no meta.pkl: GPT-2's 50257 padded to 50304
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         fail(f"init_from='resume' but {ckpt_path} does not exist; train first or set --out_dir")
@@ -231,8 +231,6 @@ if init_from == 'resume':
     iter_num = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
     print(f"resuming from {ckpt_path} at iter {iter_num}")
-if block_size < model.config.block_size:
-    model.crop_block_size(block_size)
 model.to(device)
 
 scaler = torch.amp.GradScaler(device_type if device_type == 'cuda' else 'cpu', enabled=(dtype == 'float16'))
