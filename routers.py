@@ -80,6 +80,38 @@ def z_loss(logits):
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
+def variance_loss(logits):
+    """Variance loss L_v of Guo et al. 2025 (arXiv 2505.22323, sec. 3.2):
+
+        L_v = -(1/N) * sum_t (1/E) * sum_j (s_tj - 1/E)^2,   s_t = softmax(logits_t) over all E
+
+    the population variance of each token's routing distribution across experts, negated:
+    minimising L_v makes the router more decisive (a uniform s_t has variance 0).
+    logits [N, E], the raw scores BEFORE top-k."""
+    probs = F.softmax(logits.float(), dim=-1)
+    return -probs.var(dim=-1, unbiased=False).mean()
+
+
+def ortho_loss(expert_out, eps=1e-6):
+    """Orthogonality loss L_o of Guo et al. 2025 (arXiv 2505.22323, sec. 3.1): for each token,
+    the squared length of the projection of every selected expert's output onto every other
+    one, summed over the ordered pairs (j, k), j != k, and averaged over the N tokens:
+
+        L_o = (1/N) sum_t sum_{j != k} || (<e_tj, e_tk> / (<e_tk, e_tk> + eps)) e_tk ||^2
+
+    expert_out [N, k, d]: the k raw expert outputs E_j(x_t) of token t (before gate
+    weighting). Only outputs of the SAME token are paired (the authors' released code
+    reshapes so that different tokens get paired; that is not this formula).
+    ||c e||^2 = c^2 <e, e>, so the whole sum comes from the per-token Gram matrices."""
+    out = expert_out.float()
+    gram = out @ out.transpose(1, 2)                    # [N, k, k], gram[t, j, k] = <e_tj, e_tk>
+    sq_norm = gram.diagonal(dim1=1, dim2=2)             # [N, k],  <e_tk, e_tk>
+    coef = gram / (sq_norm.unsqueeze(1) + eps)          # divide column k by <e_tk, e_tk> + eps
+    proj_sq = coef.square() * sq_norm.unsqueeze(1)      # ||coef * e_tk||^2
+    off_diagonal = 1.0 - torch.eye(out.size(1), device=out.device)
+    return (proj_sq * off_diagonal).sum(dim=(1, 2)).mean()
+
+
 # -----------------------------------------------------------------------------
 # Capacity: drop assignments past an expert's capacity (Switch Transformer, sec. 2.2)
 
@@ -109,16 +141,34 @@ def capacity_keep_mask(expert_idx, n_exp, capacity):
 
 class Router(nn.Module):
     """Base class: a linear gate W_g [E, d] without bias, and the losses every router can
-    switch on by coefficient (Switch balance loss, z-loss). Routers compute in fp32 even
-    under autocast: bf16 logits tie and flip the top-k choice."""
+    switch on by coefficient (Switch balance loss, z-loss, variance loss). Routers compute
+    in fp32 even under autocast: bf16 logits tie and flip the top-k choice.
 
-    def __init__(self, config):
+    forward(h, token_ids=None, seq_len=None) -> Routing, with h [N, d] the hidden states of
+    N = B*seq_len tokens (B sequences, in order) and token_ids [N] their input token ids
+    (for routers that route by identity, like hash).
+
+    Class attributes tell the MoE layer and GPTConfig what kind of router this is:
+      token_choice    each token picks its experts; False = experts pick tokens (the MoE
+                      layer then does not drop by capacity, the router bounds the load itself)
+      variable_k      a token may get another number of experts than top_k
+      fixed_config    GPTConfig fields this router cannot do without (switch: top_k=1)
+      default_config  GPTConfig fields it fills, when the user left them None, with its
+                      paper's values (switch: capacity factors 1.25 / 2.0)
+    """
+    token_choice = True
+    variable_k = False
+    fixed_config = {}
+    default_config = {}
+
+    def __init__(self, config, learned_gate=True):
         super().__init__()
         self.n_exp = config.n_exp
         self.top_k = config.top_k
         self.aux_loss_coef = config.aux_loss_coef
         self.z_loss_coef = config.z_loss_coef
-        self.gate = nn.Linear(config.n_embd, config.n_exp, bias=False)
+        self.var_loss_coef = config.var_loss_coef
+        self.gate = nn.Linear(config.n_embd, config.n_exp, bias=False) if learned_gate else None
 
     def gate_logits(self, h):
         # fp32 matmul outside autocast: the router is tiny, its precision matters
@@ -126,12 +176,22 @@ class Router(nn.Module):
             return F.linear(h.float(), self.gate.weight.float())
 
     def standard_losses(self, logits, probs, expert_idx):
+        """The losses switched on by coefficient. probs=None: this router balances its load
+        another way (expert choice, DeepSeek-V3's bias), so no Switch balance loss."""
         losses = {}
-        if self.aux_loss_coef > 0:
+        if self.aux_loss_coef > 0 and probs is not None:
             losses['aux'] = self.aux_loss_coef * switch_aux_loss(probs, expert_idx, self.n_exp)
         if self.z_loss_coef > 0:
             losses['z'] = self.z_loss_coef * z_loss(logits)
+        if self.var_loss_coef > 0:
+            losses['var'] = self.var_loss_coef * variance_loss(logits)
         return losses
+
+    def set_iter(self, iter_num):
+        """Called by train.py before every forward with the current iteration (also right
+        after a resume), and by sample.py with the checkpoint's. Routers that change with
+        the training step (GatePro's hot-swap window) read it here."""
+        pass
 
     def update_after_step(self, load_counts):
         """Called by train.py after each optimizer step with this layer's assignment counts
@@ -157,16 +217,22 @@ class TopKRouter(Router):
     renormalize=True divides the kept k weights by their sum (Mixtral, arXiv 2401.04088);
     False keeps the raw softmax values (OLMoE, arXiv 2409.02060). Default True.
     Losses by coefficient: aux_loss_coef (Switch, default 0.01), z_loss_coef (ST-MoE, 0.001).
+    Subclasses change the logits (gate_logits) or the probabilities that choose
+    (routing_probs); the balance loss always sees the plain softmax of the logits.
     """
 
     def __init__(self, config):
         super().__init__(config)
         self.renormalize = config.renormalize
 
-    def forward(self, h, token_ids=None):
+    def routing_probs(self, logits, probs):
+        """The probabilities the top-k is taken on (GatePro penalises them)."""
+        return probs
+
+    def forward(self, h, token_ids=None, seq_len=None):
         logits = self.gate_logits(h)
         probs = F.softmax(logits, dim=-1)
-        topk_weight, topk_idx = torch.topk(probs, self.top_k, dim=-1)
+        topk_weight, topk_idx = torch.topk(self.routing_probs(logits, probs), self.top_k, dim=-1)
         if self.renormalize:
             topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
         token_idx, expert_idx, weight = flatten_choices(topk_idx, topk_weight)
@@ -174,8 +240,24 @@ class TopKRouter(Router):
         return Routing(token_idx, expert_idx, weight, logits.detach(), losses, n_requested=expert_idx.numel())
 
 
+class OrthoVarRouter(TopKRouter):
+    """Top-k routing with the two losses of Guo et al. 2025 (arXiv 2505.22323) switched on:
+    L = L_lm + alpha L_aux + beta L_o + gamma L_v, summed over the MoE layers.
+
+    L_v (var_loss_coef = gamma) is computed here, from the logits of all E experts
+    (variance_loss); L_o (ortho_loss_coef = beta) needs the experts' outputs, so the MoE
+    layer computes it (model.py, ortho_loss). Both work with any fixed-k token-choice
+    router; this preset only sets their defaults when the user left them None.
+    Defaults beta = 0.1, gamma = 1.0 come from our own short sweep on the default dataset
+    (README, Routers); the paper's released configs use alpha = 0.001 and calibrate beta,
+    gamma so that the initial terms are about 1e-4 and 1e-3. alpha stays aux_loss_coef.
+    """
+    default_config = {'ortho_loss_coef': 0.1, 'var_loss_coef': 1.0}
+
+
 ROUTERS = {
     'topk': TopKRouter,
+    'ortho_var': OrthoVarRouter,
 }
 
 

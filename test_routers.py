@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from model import GPTConfig
-from routers import ROUTERS, Routing, build_router, capacity_keep_mask, expert_capacity, switch_aux_loss, z_loss
+from routers import (ROUTERS, Routing, build_router, capacity_keep_mask, expert_capacity, ortho_loss,
+                     switch_aux_loss, variance_loss, z_loss)
 
 
 def router_config(**overrides):
@@ -18,18 +19,6 @@ def router_config(**overrides):
 
 # -----------------------------------------------------------------------------
 # pure functions, by hand
-
-
-def test_switch_aux_loss_by_hand():
-    probs = torch.tensor([[0.8, 0.2], [0.4, 0.6]])
-    # both tokens picked expert 0: f = [1, 0], P = mean probs = [0.6, 0.4] -> 2 * (1*0.6 + 0*0.4)
-    assert switch_aux_loss(probs, torch.tensor([0, 0]), 2).item() == pytest.approx(1.2)
-    # one each: f = [0.5, 0.5] -> 2 * (0.5*0.6 + 0.5*0.4) = 1.0 (the balanced value)
-    assert switch_aux_loss(probs, torch.tensor([0, 1]), 2).item() == pytest.approx(1.0)
-    # f counts assignments, so top-2 pairs count twice per token: E=3, pairs -> experts 0,1,0,2
-    # f = [2/4, 1/4, 1/4], P = [1/3]*3 -> 3 * (1/3) * (2/4 + 1/4 + 1/4) = 1
-    probs3 = torch.full((2, 3), 1 / 3)
-    assert switch_aux_loss(probs3, torch.tensor([0, 1, 0, 2]), 3).item() == pytest.approx(1.0)
 
 
 def test_z_loss_by_hand():
@@ -45,6 +34,31 @@ def test_capacity_keep_mask_by_hand():
     assert keep.tolist() == [True, True, True, False]
     # Switch eq. (3) with k assignments per token: 1.25 * 16 tokens * 2 / 4 experts = 10
     assert expert_capacity(16, 4, 2, 1.25) == 10
+
+
+def test_variance_loss_by_hand():
+    # softmax([0, ln 3]) = [1/4, 3/4]: mean 1/2, population variance ((1/4)^2 + (1/4)^2) / 2 = 1/16
+    # softmax([0, 0]) = [1/2, 1/2]: variance 0.   L_v = -(1/16 + 0) / 2 = -1/32
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])
+    assert variance_loss(logits).item() == pytest.approx(-1 / 32)
+
+
+def test_ortho_loss_by_hand():
+    # token 0: e1 = (1, 0), e2 = (1, 1); <e1, e2> = 1, |e1|^2 = 1, |e2|^2 = 2
+    #   project e1 on e2: (1/2) e2, squared length 1/4 * 2 = 1/2
+    #   project e2 on e1: (1/1) e1, squared length 1           -> 3/2
+    # token 1: (1, 0), (0, 1) orthogonal -> 0.      L_o = (3/2 + 0) / 2 = 3/4
+    out = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]])
+    assert ortho_loss(out, eps=0.0).item() == pytest.approx(0.75)
+    # eps sits in the denominator: with eps = 1, token 0 gives (1/3)^2 * 2 + (1/2)^2 * 1 = 2/9 + 1/4
+    assert ortho_loss(out, eps=1.0).item() == pytest.approx((2 / 9 + 1 / 4) / 2)
+
+
+def test_ortho_loss_pairs_outputs_of_the_same_token():
+    # orthogonal within each token, parallel ACROSS tokens: the loss must be exactly 0
+    # (pairing outputs of different tokens, as a wrong reshape does, would give > 0)
+    out = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [0.0, 3.0]]])
+    assert ortho_loss(out).item() == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -100,6 +114,27 @@ def test_aux_loss_uses_full_softmax_not_topk_weights():
     r = router(h)
     # f = [1, 0], P = [0.8808, 0.1192] -> 2 * 0.8808 = 1.7616 (renormalised weights would give 2.0)
     assert r.losses['aux'].item() == pytest.approx(2 * 0.880797, abs=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# config: what the routers fix, fill in and refuse
+
+
+def test_ortho_var_preset_turns_both_losses_on():
+    config = router_config(router='ortho_var')
+    assert config.ortho_loss_coef > 0 and config.var_loss_coef > 0
+    assert router_config().ortho_loss_coef == 0.0 and router_config().var_loss_coef == 0.0
+    assert router_config(router='ortho_var', ortho_loss_coef=0.0).ortho_loss_coef == 0.0
+    r = build_router(config)(torch.randn(6, 8))
+    assert r.losses['var'].item() < 0  # maximised variance: a negative loss
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(capacity_factor=1.25), 'dropless'),
+])
+def test_ortho_loss_refuses_routers_without_fixed_k_pairs(bad, message):
+    with pytest.raises(ValueError, match=message):
+        router_config(ortho_loss_coef=0.1, **bad)
 
 
 def test_unknown_router_lists_the_names():

@@ -317,6 +317,10 @@ while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
+    # routers that change with the step (GatePro's hot-swap window) learn it before every
+    # forward, evaluation included; after a resume this is the restored iter_num
+    for _, moe in raw_model.moe_layers():
+        moe.router.set_iter(iter_num)
 
     if iter_num % eval_interval == 0 and master_process:
         losses, val_stats = estimate_loss()
