@@ -200,6 +200,10 @@ class GPTConfig:
     ortho_loss_coef: Optional[float] = None  # beta: orthogonality of the selected experts' outputs (fixed-k, dropless)
     ortho_loss_eps: float = 1e-6  # epsilon in L_o's projection denominator
     var_loss_coef: Optional[float] = None  # gamma: variance of each token's routing softmax, maximised
+    # GatePro (Zheng et al. 2025, arXiv 2510.13079)
+    gatepro_penalty: float = 1e4  # lambda subtracted from a losing expert's logit; 1e-4 is the paper's literal value
+    gatepro_start_iter: int = 0  # competition on from this iteration...
+    gatepro_end_iter: Optional[int] = None  # ...until this one (excluded); None = to the end
 
     def __post_init__(self):
         # every problem here is a user's setting: say which, and what would work

@@ -112,6 +112,32 @@ def ortho_loss(expert_out, eps=1e-6):
     return (proj_sq * off_diagonal).sum(dim=(1, 2)).mean()
 
 
+def gatepro_partners(gate_weight):
+    """GatePro (arXiv 2510.13079, Algorithm 1): j*(i) = argmax_{j != i} S_ij, S the cosine
+    similarity of the rows of the gate weight W_g [E, d]. Directed: j*(j*(i)) need not be
+    i. Recomputed from the current weights, without gradient. Returns [E] long."""
+    with torch.no_grad():
+        rows = F.normalize(gate_weight.detach().float(), dim=1)
+        similarity = rows @ rows.t()
+        similarity.fill_diagonal_(-float('inf'))  # an expert is not its own partner
+        return similarity.argmax(dim=1)
+
+
+def gatepro_penalize(logits, gate_weight, penalty):
+    """GatePro competition (arXiv 2510.13079, Algorithm 1): for each token, expert i loses
+    to its most similar expert j*(i) when its logit is strictly smaller, and a loser's
+    logit drops by `penalty`; winners keep theirs:
+
+        l'_ti = l_ti - penalty * [l_ti < l_t,j*(i)]
+
+    In fp32: a penalty of 1e-4 (the paper's literal value) would round away in bf16.
+    logits [N, E]; returns the penalised logits [N, E] (the gradient of the kept logits
+    is unchanged: the penalty is a constant)."""
+    logits = logits.float()
+    partner_logits = logits[:, gatepro_partners(gate_weight)]  # [N, E]: l_t,j*(i) in column i
+    return logits - penalty * (logits < partner_logits).float()
+
+
 # -----------------------------------------------------------------------------
 # Capacity: drop assignments past an expert's capacity (Switch Transformer, sec. 2.2)
 
@@ -240,6 +266,46 @@ class TopKRouter(Router):
         return Routing(token_idx, expert_idx, weight, logits.detach(), losses, n_requested=expert_idx.numel())
 
 
+class GateProRouter(TopKRouter):
+    """GatePro (Zheng et al. 2025, arXiv 2510.13079, Algorithm 1): top-k routing in which
+    every expert competes with its most similar expert (cosine of the gate rows), so two
+    experts with nearly the same gate vector are not both picked for one token.
+
+        l = W_g h (no bias),  l' = gatepro_penalize(l, W_g, penalty),
+        top-k of l', weights = softmax over the k selected   (the paper's eqs. 2-4, 9-10;
+                                                              that is renormalize=True)
+
+    gatepro_penalty (lambda), default 1e4: the paper writes "typically lambda = 1e-4" yet
+    calls the penalty aggressive, one that "effectively eliminates the losing expert".
+    The default takes the elimination reading: a loser is picked only when fewer than k
+    experts win, and then with weight ~0. The literal 1e-4 only reorders logits within
+    1e-4 of each other (near-ties), and would round away in bf16: it is applied in fp32.
+    Hot-swap: the competition is on for gatepro_start_iter <= iter < gatepro_end_iter
+    (None = no end), and outside it the router is exactly topk; train.py reports the
+    iteration through set_iter(), after a resume too.
+    Balance loss (aux_loss_coef): P from the softmax of the UNpenalised logits (what the
+    gate learns from), f from the assignments actually made.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.penalty = config.gatepro_penalty
+        self.start_iter = config.gatepro_start_iter
+        self.end_iter = config.gatepro_end_iter
+        self.iter_num = 0  # until set_iter says otherwise
+
+    def set_iter(self, iter_num):
+        self.iter_num = iter_num
+
+    def competing(self):
+        return self.start_iter <= self.iter_num and (self.end_iter is None or self.iter_num < self.end_iter)
+
+    def routing_probs(self, logits, probs):
+        if not self.competing():
+            return probs
+        return F.softmax(gatepro_penalize(logits, self.gate.weight, self.penalty), dim=-1)
+
+
 class OrthoVarRouter(TopKRouter):
     """Top-k routing with the two losses of Guo et al. 2025 (arXiv 2505.22323) switched on:
     L = L_lm + alpha L_aux + beta L_o + gamma L_v, summed over the MoE layers.
@@ -257,6 +323,7 @@ class OrthoVarRouter(TopKRouter):
 
 ROUTERS = {
     'topk': TopKRouter,
+    'gatepro': GateProRouter,
     'ortho_var': OrthoVarRouter,
 }
 

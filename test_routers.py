@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from model import GPTConfig
-from routers import (ROUTERS, Routing, build_router, capacity_keep_mask, expert_capacity, ortho_loss,
-                     switch_aux_loss, variance_loss, z_loss)
+from routers import (ROUTERS, Routing, build_router, capacity_keep_mask, expert_capacity, gatepro_partners,
+                     gatepro_penalize, ortho_loss, switch_aux_loss, variance_loss, z_loss)
 
 
 def router_config(**overrides):
@@ -114,6 +114,109 @@ def test_aux_loss_uses_full_softmax_not_topk_weights():
     r = router(h)
     # f = [1, 0], P = [0.8808, 0.1192] -> 2 * 0.8808 = 1.7616 (renormalised weights would give 2.0)
     assert r.losses['aux'].item() == pytest.approx(2 * 0.880797, abs=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# gatepro
+
+# E = 4 gate rows: 0 and 1 nearly parallel, 2 and 3 nearly parallel, the two pairs orthogonal.
+# cos(0, 1) = 1/sqrt(1.01) = 0.995, cos(2, 3) = 0.995, cos(0, 2) = 0, cos(1, 2) = 0.1/sqrt(1.01) = 0.0995
+# -> partners j*(0) = 1, j*(1) = 0, j*(2) = 3, j*(3) = 2
+PAIRED_GATE = [[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]
+
+
+def test_gatepro_penalize_by_hand():
+    gate = torch.tensor(PAIRED_GATE)
+    assert gatepro_partners(gate).tolist() == [1, 0, 3, 2]
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.0],    # 0 loses to 1 (1 < 2), 3 loses to 2 (0 < 3)
+                           [2.0, 2.0, 0.0, 1.0]])   # tie 0-1: neither is strictly smaller, both win; 2 loses
+    expected = torch.tensor([[1.0 - 10, 2.0, 3.0, 0.0 - 10],
+                             [2.0, 2.0, 0.0 - 10, 1.0]])
+    torch.testing.assert_close(gatepro_penalize(logits, gate, penalty=10.0), expected)
+
+
+def test_gatepro_partner_matches_brute_force_cosine():
+    torch.manual_seed(0)
+    gate = torch.randn(7, 5)
+    rows = gate.tolist()
+    expected = []
+    for i, a in enumerate(rows):
+        best, best_j = -2.0, None
+        for j, b in enumerate(rows):
+            if j == i:
+                continue
+            cos = sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+            if cos > best:
+                best, best_j = cos, j
+        expected.append(best_j)
+    assert gatepro_partners(gate).tolist() == expected
+
+
+def test_gatepro_large_penalty_never_selects_a_loser_and_argmax_always_wins():
+    torch.manual_seed(1)
+    E, k = 8, 2
+    gate = torch.randn(E, 6)
+    logits = torch.randn(500, E) * 3
+    partner = gatepro_partners(gate)
+    loses = logits < logits[:, partner]
+    selected = torch.topk(gatepro_penalize(logits, gate, penalty=1e4), k, dim=-1).indices
+    enough_winners = (~loses).sum(dim=-1) >= k
+    assert enough_winners.sum() > 100  # the property below is tested on many tokens
+    assert not loses.gather(1, selected)[enough_winners].any()
+    # the largest logit cannot be strictly smaller than its partner's: it always wins and is picked
+    argmax = logits.argmax(dim=-1)
+    assert not loses.gather(1, argmax[:, None]).any()
+    assert (selected == argmax[:, None]).any(dim=-1).all()
+
+
+def test_gatepro_literal_small_penalty_only_breaks_near_ties():
+    # hand case, PAIRED_GATE, k = 2: l = (3, 2.00005, 2.0, 0). Plain top-2 = {0, 1}. Expert 1
+    # loses to its partner 0 (2.00005 < 3) and drops by 1e-4 to 1.99995 < 2.0, while expert 2
+    # wins against 3 (2.0 > 0): GatePro picks {0, 2}. The two logits were 5e-5 apart.
+    gate = torch.tensor(PAIRED_GATE)
+    logits = torch.tensor([[3.0, 2.00005, 2.0, 0.0]])
+    assert set(torch.topk(gatepro_penalize(logits, gate, 1e-4), 2).indices[0].tolist()) == {0, 2}
+    # random logits: a token's top-2 changes only when its 2nd and 3rd logits are within 1e-4
+    torch.manual_seed(2)
+    gate = torch.randn(8, 6)
+    logits = torch.randn(2000, 8)
+    # plant near-ties at the top-2 boundary in half the tokens: 3rd = 2nd - (0 to 5e-5)
+    top = torch.topk(logits[:1000], 3)
+    near = top.values[:, 1] - 5e-5 * torch.rand(1000)
+    logits[:1000].scatter_(1, top.indices[:, 2:], near[:, None])
+    plain = torch.topk(logits, 2).indices.sort().values
+    penalised = torch.topk(gatepro_penalize(logits, gate, 1e-4), 2).indices.sort().values
+    differs = (plain != penalised).any(dim=-1)
+    top3 = torch.topk(logits, 3).values
+    assert differs.any()
+    assert (top3[differs, 1] - top3[differs, 2] < 1e-4).all()
+
+
+def test_gatepro_equals_topk_exactly_outside_the_window():
+    torch.manual_seed(3)
+    config = router_config(router='gatepro', n_exp=8, gatepro_start_iter=5, gatepro_end_iter=10)
+    gatepro = build_router(config)
+    topk = build_router(router_config(n_exp=8))
+    topk.load_state_dict(gatepro.state_dict())
+    h = torch.randn(64, 8)
+    reference = topk(h)
+    for iter_num, competing in [(0, False), (4, False), (5, True), (9, True), (10, False), (100, False)]:
+        gatepro.set_iter(iter_num)
+        r = gatepro(h)
+        same = torch.equal(r.expert_idx, reference.expert_idx) and torch.equal(r.weight, reference.weight)
+        assert same != competing, iter_num
+        if not competing:
+            assert r.losses.keys() == reference.losses.keys()
+            assert all(torch.equal(r.losses[name], reference.losses[name]) for name in r.losses)
+
+
+def test_gatepro_balance_loss_uses_unpenalised_probs_and_actual_assignments():
+    torch.manual_seed(4)
+    router = build_router(router_config(router='gatepro', n_exp=8, aux_loss_coef=1.0, z_loss_coef=0.0))
+    h = torch.randn(64, 8)
+    r = router(h)
+    probs = torch.softmax(h @ router.gate.weight.t(), dim=-1)  # unpenalised
+    torch.testing.assert_close(r.losses['aux'], switch_aux_loss(probs, r.expert_idx, 8))
 
 
 # -----------------------------------------------------------------------------
