@@ -204,6 +204,8 @@ class GPTConfig:
     gatepro_penalty: float = 1e4  # lambda subtracted from a losing expert's logit; 1e-4 is the paper's literal value
     gatepro_start_iter: int = 0  # competition on from this iteration...
     gatepro_end_iter: Optional[int] = None  # ...until this one (excluded); None = to the end
+    # Switch (Fedus et al. 2021)
+    switch_jitter: float = 0.01  # multiplicative router-input noise U[1-eps, 1+eps], training only; 0 = off
 
     def __post_init__(self):
         # every problem here is a user's setting: say which, and what would work

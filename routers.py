@@ -321,10 +321,66 @@ class OrthoVarRouter(TopKRouter):
     default_config = {'ortho_loss_coef': 0.1, 'var_loss_coef': 1.0}
 
 
+class SwitchRouter(TopKRouter):
+    """Switch Transformer routing (Fedus et al. 2021, arXiv 2101.03961): top-1.
+
+        p(x) = softmax(W_g x) (eq. 1),  y = p_i(x) E_i(x) for i = argmax p (eq. 2)
+
+    The weight is the raw probability p_i, not renormalised (renormalised top-1 is always
+    1.0 and the router would learn nothing from the LM loss). Capacity (eq. 3):
+    capacity_factor * N / E tokens per expert; the MoE layer drops the rest and those
+    tokens keep only their residual. Defaults, filled in when capacity_factor and
+    eval_capacity_factor are None: 1.25 in training (one of the factors of the paper's
+    Table 1) and 2.0 in eval (more room, fewer drops, when no gradient needs the balance).
+    Balance loss: aux_loss_coef, alpha = 0.01 (sec. 2.2). switch_jitter, eps = 0.01 by
+    default (the paper's "input jitter" exploration strategy): in training only, the router
+    input is multiplied by noise uniform in [1 - eps, 1 + eps]; 0 turns it off.
+    """
+    fixed_config = {'top_k': 1}
+    default_config = {'capacity_factor': 1.25, 'eval_capacity_factor': 2.0}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.renormalize = False
+        self.jitter = config.switch_jitter
+
+    def gate_logits(self, h):
+        if self.training and self.jitter > 0:
+            h = h.float() * torch.empty_like(h, dtype=torch.float32).uniform_(1 - self.jitter, 1 + self.jitter)
+        return super().gate_logits(h)
+
+
+class NoisyTopKRouter(TopKRouter):
+    """Noisy top-k gating (Shazeer et al. 2017, arXiv 1701.06538, eqs. 3-5):
+
+        H(x)_i = (x W_g)_i + StandardNormal() * softplus((x W_noise)_i)     (eq. 4)
+        G(x) = softmax(KeepTopK(H(x), k))                                    (eqs. 3, 5)
+
+    The noise scale is learned per token and per expert by its own Linear W_noise, and the
+    noise is added in training only (in eval H = x W_g). Softmax over the kept k is
+    renormalize=True (the default). Balance: the paper's importance and load losses
+    (eqs. 6-10) are not implemented; the Switch loss (aux_loss_coef) on softmax(H) stands in.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.noise = nn.Linear(config.n_embd, config.n_exp, bias=False)
+
+    def gate_logits(self, h):
+        logits = super().gate_logits(h)
+        if not self.training:
+            return logits
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            noise_std = F.softplus(F.linear(h.float(), self.noise.weight.float()))
+        return logits + torch.randn_like(logits) * noise_std
+
+
 ROUTERS = {
     'topk': TopKRouter,
     'gatepro': GateProRouter,
     'ortho_var': OrthoVarRouter,
+    'switch': SwitchRouter,
+    'noisy_topk': NoisyTopKRouter,
 }
 
 

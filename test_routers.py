@@ -21,6 +21,18 @@ def router_config(**overrides):
 # pure functions, by hand
 
 
+def test_switch_aux_loss_by_hand():
+    probs = torch.tensor([[0.8, 0.2], [0.4, 0.6]])
+    # both tokens picked expert 0: f = [1, 0], P = mean probs = [0.6, 0.4] -> 2 * (1*0.6 + 0*0.4)
+    assert switch_aux_loss(probs, torch.tensor([0, 0]), 2).item() == pytest.approx(1.2)
+    # one each: f = [0.5, 0.5] -> 2 * (0.5*0.6 + 0.5*0.4) = 1.0 (the balanced value)
+    assert switch_aux_loss(probs, torch.tensor([0, 1]), 2).item() == pytest.approx(1.0)
+    # f counts assignments, so top-2 pairs count twice per token: E=3, pairs -> experts 0,1,0,2
+    # f = [2/4, 1/4, 1/4], P = [1/3]*3 -> 3 * (1/3) * (2/4 + 1/4 + 1/4) = 1
+    probs3 = torch.full((2, 3), 1 / 3)
+    assert switch_aux_loss(probs3, torch.tensor([0, 1, 0, 2]), 3).item() == pytest.approx(1.0)
+
+
 def test_z_loss_by_hand():
     # logsumexp([0, 0]) = ln 2; logsumexp([ln 3, 0]) = ln 4 = 2 ln 2
     # mean of squares = (ln2^2 + 4 ln2^2) / 2 = 2.5 ln2^2
@@ -220,6 +232,63 @@ def test_gatepro_balance_loss_uses_unpenalised_probs_and_actual_assignments():
 
 
 # -----------------------------------------------------------------------------
+# switch, noisy_topk
+
+
+def test_switch_is_top1_with_the_raw_probability():
+    config = router_config(router='switch', n_embd=3, n_head=1, n_exp=3)
+    assert config.top_k == 1 and config.capacity_factor == 1.25 and config.eval_capacity_factor == 2.0
+    router = build_router(config).eval()
+    set_gate(router, [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    r = router(torch.tensor([[1.0, 2.0, 3.0]]))
+    # softmax([1, 2, 3])[2] = 0.6652: the weight is p_i itself, not renormalised to 1
+    assert r.expert_idx.tolist() == [2]
+    torch.testing.assert_close(r.weight, torch.tensor([0.6652]), atol=1e-4, rtol=0)
+
+
+def test_switch_keeps_user_capacity_factors():
+    config = router_config(router='switch', capacity_factor=1.0, eval_capacity_factor=1.5)
+    assert (config.capacity_factor, config.eval_capacity_factor) == (1.0, 1.5)
+
+
+def test_switch_jitter_is_multiplicative_and_training_only():
+    config = router_config(router='switch', n_embd=3, n_head=1, n_exp=3, switch_jitter=0.1)
+    router = build_router(config)
+    set_gate(router, [[1, 0, 0], [0, 1, 0], [0, 0, 1]])  # logits = jittered h
+    h = torch.tensor([[1.0, 2.0, 3.0]]).repeat(50, 1)
+    logits = router.train()(h).logits
+    # every input component is scaled by a factor in [0.9, 1.1]
+    assert (logits >= 0.9 * h - 1e-6).all() and (logits <= 1.1 * h + 1e-6).all()
+    assert logits.std(dim=0).min() > 0  # the noise is there...
+    assert torch.equal(router.eval()(h).logits, h)  # ...and not in eval
+
+
+def test_noisy_topk_adds_softplus_scaled_gaussian_noise_in_training_only():
+    config = router_config(router='noisy_topk', n_embd=3, n_head=1, n_exp=3, top_k=2)
+    router = build_router(config)
+    set_gate(router, [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    with torch.no_grad():
+        router.noise.weight.zero_()  # softplus(0) = ln 2: H = x W_g + ln2 * z (eq. 4)
+    h = torch.tensor([[1.0, 2.0, 3.0], [3.0, 1.0, 2.0]])
+    torch.manual_seed(5)
+    r = router.train()(h)
+    torch.manual_seed(5)
+    z = torch.randn(2, 3)
+    torch.testing.assert_close(r.logits, h + math.log(2) * z)
+    # eval: no noise; eq. 3 softmax over the kept two of [1, 2, 3] is the renormalised top-2
+    r = router.eval()(h)
+    assert r.expert_idx.tolist() == [2, 0, 1, 2]
+    torch.testing.assert_close(r.weight, torch.tensor([0.7311, 0.7311, 0.2689, 0.2689]), atol=1e-4, rtol=0)
+
+
+def test_noisy_topk_noise_weights_get_gradient():
+    torch.manual_seed(6)
+    router = build_router(router_config(router='noisy_topk')).train()
+    router(torch.randn(32, 8)).weight.sum().backward()
+    assert router.noise.weight.grad.abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
 # config: what the routers fix, fill in and refuse
 
 
@@ -233,6 +302,7 @@ def test_ortho_var_preset_turns_both_losses_on():
 
 
 @pytest.mark.parametrize('bad, message', [
+    (dict(router='switch'), 'top_k=1'),
     (dict(capacity_factor=1.25), 'dropless'),
 ])
 def test_ortho_loss_refuses_routers_without_fixed_k_pairs(bad, message):
