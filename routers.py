@@ -375,12 +375,51 @@ class NoisyTopKRouter(TopKRouter):
         return logits + torch.randn_like(logits) * noise_std
 
 
+class ExpertChoiceRouter(Router):
+    """Expert choice routing (Zhou et al. 2022, arXiv 2202.09368, sec. 3.2, eq. 1):
+
+        S = softmax(X W_g) over experts [N, E];  each expert takes its top-C tokens by S,
+        C = N * capacity_factor / E;  weight of (token t, expert e) = S_te
+
+    Perfectly balanced by construction (no balance loss); a token may get 0 to E experts,
+    capacity_factor of them on average (default 2, the paper's EC-CF2; eval uses
+    eval_capacity_factor, by default the same).
+
+    NOT CAUSAL: an expert picks among all N = B*T tokens of the batch, so whether an early
+    token is picked depends on the later tokens (and on the other sequences). A decoder
+    trained this way sees the future through the routing; its val loss is not comparable
+    with the causal routers', and generation token by token differs from training.
+    """
+    token_choice = False
+    variable_k = True
+    default_config = {'capacity_factor': 2.0}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
+        self.experts_per_token = config.capacity_factor  # on average; model.get_num_active_params
+
+    def forward(self, h, token_ids=None, seq_len=None):
+        logits = self.gate_logits(h)
+        probs = F.softmax(logits, dim=-1)
+        N = h.size(0)
+        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        capacity = min(N, expert_capacity(N, self.n_exp, 1, capacity_factor))
+        weight, token_idx = torch.topk(probs.t(), capacity, dim=1)  # [E, C]: each expert's C best tokens
+        expert_idx = torch.arange(self.n_exp, device=h.device).repeat_interleave(capacity)
+        losses = self.standard_losses(logits, None, expert_idx)
+        return Routing(token_idx.reshape(-1), expert_idx, weight.reshape(-1), logits.detach(), losses,
+                       n_requested=expert_idx.numel())
+
+
 ROUTERS = {
     'topk': TopKRouter,
     'gatepro': GateProRouter,
     'ortho_var': OrthoVarRouter,
     'switch': SwitchRouter,
     'noisy_topk': NoisyTopKRouter,
+    'expert_choice': ExpertChoiceRouter,
 }
 
 

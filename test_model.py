@@ -53,6 +53,7 @@ def naive_moe(moe, x, capacity_factor=None):
     dict(top_k=3, renormalize=False),
     dict(n_shared_exp=1),
     dict(n_exp=8, top_k=2, expert_hidden=24),
+    dict(router='expert_choice'),  # a variable number of experts per token, no capacity dropping
 ])
 def test_moe_matches_naive_reference(overrides):
     torch.manual_seed(0)
@@ -115,6 +116,19 @@ def test_token_choice_model_is_causal():
     # order of float additions (~1e-8); a leak would move the logits by ~1e-2
     torch.testing.assert_close(logits_a[:, :10], logits_b[:, :10], atol=1e-6, rtol=0)
     assert (logits_a[:, 10:] - logits_b[:, 10:]).abs().max() > 1e-3
+
+
+def test_expert_choice_model_is_not_causal():
+    # the mirror image of the test above: expert choice ranks all B*T tokens of the batch,
+    # so changing later tokens changes the outputs at earlier positions (a leak)
+    torch.manual_seed(3)
+    model = GPT(tiny_config(n_layer=3, router='expert_choice')).eval()
+    idx = torch.randint(0, 37, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = torch.randint(0, 37, (2, 6))
+    logits_a, _, _ = model(idx, idx)
+    logits_b, _, _ = model(changed, changed)
+    assert (logits_a[:, :10] - logits_b[:, :10]).abs().max() > 1e-3
 
 
 def test_ortho_loss_pairs_each_tokens_own_expert_outputs():

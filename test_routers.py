@@ -289,6 +289,47 @@ def test_noisy_topk_noise_weights_get_gradient():
 
 
 # -----------------------------------------------------------------------------
+# expert_choice
+
+
+def test_expert_choice_by_hand():
+    config = router_config(router='expert_choice', n_embd=2, n_head=1, n_exp=2, capacity_factor=1.0)
+    router = build_router(config).eval()
+    set_gate(router, [[1, 0], [0, 1]])
+    # softmax per token: t0 (2,0) -> (.8808, .1192), t1 (0,2) -> (.1192, .8808),
+    #                    t2 (1,0) -> (.7311, .2689), t3 (0,1) -> (.2689, .7311)
+    h = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0]])
+    # C = 4 * 1.0 / 2 = 2: expert 0 takes t0, t2 (its two best), expert 1 takes t1, t3
+    r = router(h)
+    assert r.expert_idx.tolist() == [0, 0, 1, 1] and r.token_idx.tolist() == [0, 2, 1, 3]
+    torch.testing.assert_close(r.weight, torch.tensor([.8808, .7311, .8808, .7311]), atol=1e-4, rtol=0)
+    assert 'aux' not in r.losses  # balanced by construction
+    # C = 4 * 0.5 / 2 = 1: t2 and t3 get no expert at all
+    router.eval_capacity_factor = 0.5
+    r = router(h)
+    assert r.token_idx.tolist() == [0, 1]
+
+
+def test_expert_choice_is_not_causal_at_the_router():
+    # continue the hand case with C = 1: expert 1 took t1 (.8808). A LATER token t3 = (0, 5)
+    # has softmax (0.0067, 0.9933) and takes expert 1's only slot: t1's routing changed
+    # because of a token that comes after it.
+    config = router_config(router='expert_choice', n_embd=2, n_head=1, n_exp=2, capacity_factor=0.5)
+    router = build_router(config).eval()
+    set_gate(router, [[1, 0], [0, 1]])
+    h = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0]])
+    assert 1 in router(h).token_idx.tolist()
+    h[3] = torch.tensor([0.0, 5.0])
+    assert 1 not in router(h).token_idx.tolist()
+
+
+def test_expert_choice_defaults():
+    config = router_config(router='expert_choice')
+    assert config.capacity_factor == config.eval_capacity_factor == 2.0  # EC-CF2
+    assert build_router(config).experts_per_token == 2.0
+
+
+# -----------------------------------------------------------------------------
 # config: what the routers fix, fill in and refuse
 
 
@@ -303,6 +344,7 @@ def test_ortho_var_preset_turns_both_losses_on():
 
 @pytest.mark.parametrize('bad, message', [
     (dict(router='switch'), 'top_k=1'),
+    (dict(router='expert_choice'), 'exactly top_k'),
     (dict(capacity_factor=1.25), 'dropless'),
 ])
 def test_ortho_loss_refuses_routers_without_fixed_k_pairs(bad, message):
