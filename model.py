@@ -206,6 +206,10 @@ class GPTConfig:
     gatepro_end_iter: Optional[int] = None  # ...until this one (excluded); None = to the end
     # Switch (Fedus et al. 2021)
     switch_jitter: float = 0.01  # multiplicative router-input noise U[1-eps, 1+eps], training only; 0 = off
+    # DeepSeek-V3 auxiliary-loss-free balancing (arXiv 2412.19437 sec. 2.1.2)
+    aux_free_update_rate: float = 0.001  # gamma: bias step per optimizer step (DeepSeek-V3 sec. 4.2)
+    aux_free_seq_loss_coef: float = 1e-4  # alpha of the sequence-wise balance loss (sec. 4.2); 0 = off
+    aux_free_scale: float = 1.0  # gate weights multiplier (DeepSeek-V3's released config: 2.5)
 
     def __post_init__(self):
         # every problem here is a user's setting: say which, and what would work

@@ -413,6 +413,67 @@ class ExpertChoiceRouter(Router):
                        n_requested=expert_idx.numel())
 
 
+def sequence_balance_loss(scores, topk_idx, seq_len):
+    """DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437, eqs. 17-20),
+    without its alpha, averaged over the B = N / seq_len sequences:
+
+        L = sum_i f_i P_i,  f_i = E / (k T) * (number of the T tokens with i in their top-k)
+                            P_i = (1/T) sum_t s_ti / sum_j s_tj
+
+    scores [N, E]: the sigmoid affinities, tokens in sequence order; topk_idx [N, k].
+    Equals 1 when both are uniform; the gradient flows through P only."""
+    N, n_exp = scores.shape
+    k = topk_idx.size(1)
+    chosen = torch.zeros_like(scores).scatter_(1, topk_idx, 1.0).view(-1, seq_len, n_exp)
+    f = chosen.sum(dim=1) * n_exp / (k * seq_len)                                 # [B, E]
+    P = (scores / scores.sum(dim=-1, keepdim=True)).view(-1, seq_len, n_exp).mean(dim=1)  # [B, E]
+    return (f * P).sum(dim=-1).mean()
+
+
+class AuxFreeRouter(Router):
+    """Auxiliary-loss-free balancing (DeepSeek-V3, arXiv 2412.19437, sec. 2.1.2; Wang et al.
+    2024, Loss-Free Balancing, arXiv 2408.15664):
+
+        s_t = sigmoid(W_g h_t)                                                    (eq. 15)
+        pick the top-k of s_t + b; b only picks, it never weighs                   (eq. 16)
+        weights = scale * s_ti / sum_{j picked} s_tj                               (eq. 13)
+        after each optimizer step: b_i += gamma * sign(mean load - load_i)         (sec. 2.1.2)
+
+    b is a buffer (no gradient; checkpointed, broadcast under DDP) updated from the load of
+    the whole global batch by update_after_step. gamma = aux_free_update_rate, 0.001
+    (DeepSeek-V3 sec. 4.2; Loss-Free Balancing's u). No Switch balance loss; instead the
+    optional sequence-wise loss of eqs. 17-20 with alpha = aux_free_seq_loss_coef, default
+    1e-4 (DeepSeek-V3 sec. 4.2; 0 = Loss-Free Balancing's pure form). aux_free_scale
+    multiplies the weights (DeepSeek-V3's released config uses 2.5; default 1.0 so the
+    weights sum to 1 like topk's). Routing.logits are the pre-sigmoid scores.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.update_rate = config.aux_free_update_rate
+        self.seq_loss_coef = config.aux_free_seq_loss_coef
+        self.scale = config.aux_free_scale
+        self.register_buffer('expert_bias', torch.zeros(config.n_exp))
+
+    def forward(self, h, token_ids=None, seq_len=None):
+        logits = self.gate_logits(h)
+        scores = torch.sigmoid(logits)
+        _, topk_idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1)
+        topk_score = scores.gather(1, topk_idx)
+        topk_weight = self.scale * topk_score / topk_score.sum(dim=-1, keepdim=True)
+        token_idx, expert_idx, weight = flatten_choices(topk_idx, topk_weight)
+        losses = self.standard_losses(logits, None, expert_idx)
+        if self.seq_loss_coef > 0:
+            losses['seq_aux'] = self.seq_loss_coef * sequence_balance_loss(scores, topk_idx, seq_len or h.size(0))
+        return Routing(token_idx, expert_idx, weight, logits.detach(), losses, n_requested=expert_idx.numel())
+
+    @torch.no_grad()
+    def update_after_step(self, load_counts):
+        load = load_counts.to(self.expert_bias.device, torch.float32)
+        # overloaded experts (load above the mean) lose bias, underloaded ones gain it
+        self.expert_bias += self.update_rate * torch.sign(load.mean() - load)
+
+
 ROUTERS = {
     'topk': TopKRouter,
     'gatepro': GateProRouter,
@@ -420,6 +481,7 @@ ROUTERS = {
     'switch': SwitchRouter,
     'noisy_topk': NoisyTopKRouter,
     'expert_choice': ExpertChoiceRouter,
+    'aux_free': AuxFreeRouter,
 }
 
 

@@ -8,7 +8,8 @@ import torch
 
 from model import GPTConfig
 from routers import (ROUTERS, Routing, build_router, capacity_keep_mask, expert_capacity, gatepro_partners,
-                     gatepro_penalize, ortho_loss, switch_aux_loss, variance_loss, z_loss)
+                     gatepro_penalize, ortho_loss, sequence_balance_loss, switch_aux_loss, variance_loss,
+                     z_loss)
 
 
 def router_config(**overrides):
@@ -71,6 +72,16 @@ def test_ortho_loss_pairs_outputs_of_the_same_token():
     # (pairing outputs of different tokens, as a wrong reshape does, would give > 0)
     out = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [0.0, 3.0]]])
     assert ortho_loss(out).item() == 0.0
+
+
+def test_sequence_balance_loss_by_hand():
+    # DeepSeek-V3 eqs. 17-20, E = 2, k = 1, T = 2, two sequences
+    # sequence 0: scores (0.3, 0.2), (0.4, 0.1) -> normalised (0.6, 0.4), (0.8, 0.2); both pick expert 0
+    #   f = E/(kT) * counts = 1 * (2, 0);  P = (0.7, 0.3);  sum f P = 1.4
+    # sequence 1: normalised (0.9, 0.1) picks 0, (0.3, 0.7) picks 1: f = (1, 1), P = (0.6, 0.4) -> 1.0
+    scores = torch.tensor([[0.3, 0.2], [0.4, 0.1], [0.9, 0.1], [0.3, 0.7]])
+    topk_idx = torch.tensor([[0], [0], [0], [1]])
+    assert sequence_balance_loss(scores, topk_idx, seq_len=2).item() == pytest.approx((1.4 + 1.0) / 2)
 
 
 # -----------------------------------------------------------------------------
@@ -327,6 +338,60 @@ def test_expert_choice_defaults():
     config = router_config(router='expert_choice')
     assert config.capacity_factor == config.eval_capacity_factor == 2.0  # EC-CF2
     assert build_router(config).experts_per_token == 2.0
+
+
+# -----------------------------------------------------------------------------
+# aux_free
+
+
+def test_aux_free_by_hand():
+    config = router_config(router='aux_free', n_embd=3, n_head=1, n_exp=3, top_k=2)
+    router = build_router(config).eval()
+    set_gate(router, [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    h = torch.tensor([[1.0, 0.5, 0.2]])
+    # s = sigmoid(1, .5, .2) = (.7311, .6225, .5498); top-2 = experts 0, 1
+    assert router(h).expert_idx.tolist() == [0, 1]
+    # bias (0, 0, .2): s + b = (.7311, .6225, .7498) -> picks 2, then 0; the weights come from s
+    # alone: .5498 / (.5498 + .7311) = .4293 and .7311 / 1.2809 = .5707
+    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.2]))
+    r = router(h)
+    assert r.expert_idx.tolist() == [2, 0]
+    torch.testing.assert_close(r.weight, torch.tensor([.4293, .5707]), atol=1e-4, rtol=0)
+
+
+def test_aux_free_bias_update_by_hand():
+    router = build_router(router_config(router='aux_free', n_exp=3, aux_free_update_rate=0.5))
+    # counts (6, 2, 4): mean 4, sign(mean - load) = (-1, +1, 0)
+    router.update_after_step(torch.tensor([6, 2, 4]))
+    assert router.expert_bias.tolist() == [-0.5, 0.5, 0.0]
+    assert 'expert_bias' in router.state_dict()  # checkpointed with the model
+    assert not router.expert_bias.requires_grad
+
+
+def test_aux_free_bias_updates_drive_max_vio_down():
+    torch.manual_seed(7)
+    router = build_router(router_config(router='aux_free', n_exp=8, aux_free_update_rate=0.02)).eval()
+    with torch.no_grad():
+        router.gate.weight[0] += 0.5  # skew: expert 0 scores high on inputs with a positive mean
+    h = torch.randn(256, 8) + 1.0
+
+    @torch.no_grad()
+    def load():
+        return torch.bincount(router(h).expert_idx, minlength=8).float()
+
+    def max_vio(counts):  # Loss-Free Balancing's MaxVio
+        return ((counts.max() - counts.mean()) / counts.mean()).item()
+
+    first = max_vio(load())
+    for _ in range(40):
+        router.update_after_step(load())
+    assert first > 2.0 and max_vio(load()) < 0.25 * first
+
+
+def test_aux_free_has_no_switch_loss_and_a_sequence_loss():
+    router = build_router(router_config(router='aux_free', z_loss_coef=0.0, aux_free_seq_loss_coef=1.0))
+    r = router(torch.randn(12, 8), seq_len=4)
+    assert set(r.losses) == {'seq_aux'}
 
 
 # -----------------------------------------------------------------------------
