@@ -210,6 +210,8 @@ class GPTConfig:
     aux_free_update_rate: float = 0.001  # gamma: bias step per optimizer step (DeepSeek-V3 sec. 4.2)
     aux_free_seq_loss_coef: float = 1e-4  # alpha of the sequence-wise balance loss (sec. 4.2); 0 = off
     aux_free_scale: float = 1.0  # gate weights multiplier (DeepSeek-V3's released config: 2.5)
+    # hash layers (Roller et al. 2021)
+    hash_seed: int = 0  # seed of the fixed random token-id -> expert map
 
     def __post_init__(self):
         # every problem here is a user's setting: say which, and what would work

@@ -474,6 +474,32 @@ class AuxFreeRouter(Router):
         self.expert_bias += self.update_rate * torch.sign(load.mean() - load)
 
 
+class HashRouter(Router):
+    """Hash layers (Roller et al. 2021, arXiv 2106.04426, "Random Hash"): a fixed
+    random map from token id to expert, drawn once from a generator seeded with hash_seed
+    and stored as a buffer; top-1 with weight 1.0; nothing is learned and there is no loss.
+    A lower bound for learned routers. Every MoE layer gets the same map (same seed).
+    Routing.logits are honest one-hot scores: 0 for the hashed expert, -1e4 (log 0 for
+    practical purposes) elsewhere, so the metrics see a router with entropy 0.
+    """
+    fixed_config = {'top_k': 1}
+
+    def __init__(self, config):
+        super().__init__(config, learned_gate=False)
+        generator = torch.Generator().manual_seed(config.hash_seed)
+        self.register_buffer('expert_of_token', torch.randint(0, config.n_exp, (config.vocab_size,), generator=generator))
+
+    def forward(self, h, token_ids=None, seq_len=None):
+        if token_ids is None:
+            raise ValueError("the hash router routes by token id: call it with token_ids [N]")
+        N = h.size(0)
+        expert_idx = self.expert_of_token[token_ids]
+        token_idx = torch.arange(N, device=h.device)
+        weight = torch.ones(N, device=h.device)
+        logits = torch.full((N, self.n_exp), -1e4, device=h.device).scatter_(1, expert_idx.unsqueeze(1), 0.0)
+        return Routing(token_idx, expert_idx, weight, logits, {}, n_requested=N)
+
+
 ROUTERS = {
     'topk': TopKRouter,
     'gatepro': GateProRouter,
@@ -482,6 +508,7 @@ ROUTERS = {
     'noisy_topk': NoisyTopKRouter,
     'expert_choice': ExpertChoiceRouter,
     'aux_free': AuxFreeRouter,
+    'hash': HashRouter,
 }
 
 

@@ -147,6 +147,16 @@ def test_ortho_loss_pairs_each_tokens_own_expert_outputs():
     assert moe.experts.w_fc.grad.abs().sum() > 0  # L_o trains the experts
 
 
+def test_hash_model_routes_by_token_id():
+    torch.manual_seed(7)
+    model = GPT(tiny_config(router='hash'))
+    idx = torch.randint(0, 37, (2, 8))
+    _, loss, routings = model(idx, idx)
+    expected = model.transformer.h[0].ffn.router.expert_of_token[idx.reshape(-1)]
+    assert torch.equal(routings[0].expert_idx, expected)
+    assert torch.isfinite(loss)
+
+
 def test_expert_hidden_default_matches_dense_active_compute():
     # dense MLP: d -> 4d -> d. top-k experts of width 4d/k: the same multiply-adds per token
     assert tiny_config(top_k=2).expert_hidden == 64

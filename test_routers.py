@@ -395,6 +395,32 @@ def test_aux_free_has_no_switch_loss_and_a_sequence_loss():
 
 
 # -----------------------------------------------------------------------------
+# hash
+
+
+def test_hash_routes_by_token_id_only():
+    config = router_config(router='hash', n_exp=4)
+    assert config.top_k == 1
+    router = build_router(config)
+    assert list(router.parameters()) == []
+    router.expert_of_token[:4] = torch.tensor([2, 0, 3, 1])  # set the map by hand
+    ids = torch.tensor([0, 1, 0, 3, 2])
+    r = router(torch.randn(5, 8), ids)
+    assert r.expert_idx.tolist() == [2, 0, 2, 1, 3]  # token 0 -> expert 2 wherever it appears
+    assert r.weight.tolist() == [1.0] * 5
+    assert r.logits[0].tolist() == [-1e4, -1e4, 0.0, -1e4]  # one-hot scores, for the metrics
+    # another h, same ids: the same routing
+    assert torch.equal(router(torch.randn(5, 8), ids).expert_idx, r.expert_idx)
+
+
+def test_hash_map_is_fixed_by_its_seed():
+    a = build_router(router_config(router='hash', hash_seed=1)).expert_of_token
+    b = build_router(router_config(router='hash', hash_seed=1)).expert_of_token
+    c = build_router(router_config(router='hash', hash_seed=2)).expert_of_token
+    assert a.shape == (50,) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+# -----------------------------------------------------------------------------
 # config: what the routers fix, fill in and refuse
 
 
@@ -409,6 +435,7 @@ def test_ortho_var_preset_turns_both_losses_on():
 
 @pytest.mark.parametrize('bad, message', [
     (dict(router='switch'), 'top_k=1'),
+    (dict(router='hash'), 'top_k=1'),
     (dict(router='expert_choice'), 'exactly top_k'),
     (dict(capacity_factor=1.25), 'dropless'),
 ])
