@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from metrics import gate_cos_sim, pair_coactivation
 from model import GPTConfig
 from routers import (ROUTERS, Routing, build_router, capacity_keep_mask, expert_capacity, gatepro_partners,
                      gatepro_penalize, ortho_loss, sequence_balance_loss, switch_aux_loss, variance_loss,
@@ -240,6 +241,17 @@ def test_gatepro_balance_loss_uses_unpenalised_probs_and_actual_assignments():
     r = router(h)
     probs = torch.softmax(h @ router.gate.weight.t(), dim=-1)  # unpenalised
     torch.testing.assert_close(r.losses['aux'], switch_aux_loss(probs, r.expert_idx, 8))
+
+
+def test_gatepro_metrics_by_hand():
+    # rows (1,0), (0,1), (1,1): |cos| = 0, 1/sqrt2, 1/sqrt2 for the pairs (0,1), (0,2), (1,2)
+    assert gate_cos_sim(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])).item() == pytest.approx(2 / 3 / math.sqrt(2))
+    # partners of PAIRED_GATE: 0<->1, 2<->3. Token 0 picks {0, 1}, token 1 picks {0, 2}:
+    # expert 0 and its partner together in 1 of 2 tokens, expert 1 too, experts 2, 3 in none
+    # -> (1/2 + 1/2 + 0 + 0) / 4 = 1/4
+    partner = gatepro_partners(torch.tensor(PAIRED_GATE))
+    coactivation = pair_coactivation(torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 2]), partner, n_tokens=2)
+    assert coactivation.item() == pytest.approx(0.25)
 
 
 # -----------------------------------------------------------------------------

@@ -262,6 +262,10 @@ stateful_routers = [(layer, moe.router) for layer, moe in raw_model.moe_layers()
                     if type(moe.router).update_after_step is not Router.update_after_step]
 
 
+# the routers' gate weights, for the GatePro metrics of the evaluation (metrics.py)
+gate_weights = {layer: moe.router.gate.weight for layer, moe in raw_model.moe_layers() if moe.router.gate is not None}
+
+
 def router_loss_total(routings):
     return sum((v.detach() for r in routings.values() for v in r.losses.values()), torch.zeros((), device=device))
 
@@ -281,7 +285,7 @@ def estimate_loss():
             with ctx:
                 _, loss, routings = model(X, Y)
             losses[k] = (loss - router_loss_total(routings)).item()
-            stats.add(routings)
+            stats.add(routings, gate_weights=gate_weights)
         out[split] = losses.mean().item()
     model.train()
     return out, stats
