@@ -31,7 +31,7 @@ from tqdm import tqdm
 from configurator import ConfigError, apply_overrides
 from metrics import RoutingStats, format_routing_table
 from model import GPT, GPTConfig
-from routers import Router
+from routers import ROUTERS, Router
 
 
 def fail(message):
@@ -248,7 +248,9 @@ if master_process:
         open(metrics_path, 'w').close()  # a new run starts a new log
     print(f"tokens per iteration: {tokens_per_iter:,}  device: {device}  dtype: {dtype}")
     print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, {model.get_num_active_params() / 1e6:.2f}M active per token")
-    print(f"router: {gptconf.router}, {gptconf.n_exp} experts, top-{gptconf.top_k}, "
+    # expert choice has no top-k: each expert takes capacity_factor * N / E tokens
+    per_token = f"top-{gptconf.top_k}" if ROUTERS[gptconf.router].token_choice else f"capacity factor {gptconf.capacity_factor}"
+    print(f"router: {gptconf.router}, {gptconf.n_exp} experts, {per_token}, "
           f"MoE layers {[i for i, _ in model.moe_layers()]}")
 
 raw_model = model
