@@ -221,6 +221,8 @@ class GPTConfig:
             raise ValueError(f"moe_every={self.moe_every} must be >= 1")
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; available: {', '.join(sorted(ROUTERS))}")
+        # what the router cannot do without (switch, hash: top_k=1), then its paper's defaults
+        # for what the user left None (switch: capacity 1.25 / 2.0), then the global ones
         router_class = ROUTERS[self.router]
         for name, value in router_class.fixed_config.items():
             setattr(self, name, value)
