@@ -10,6 +10,8 @@ evaluation batches) with tensor ops only; summary() turns the totals into Python
 import torch
 import torch.nn.functional as F
 
+from routers import gatepro_partners
+
 
 def load_metrics(counts):
     """From assignment counts per expert [E]:
@@ -39,6 +41,25 @@ def routing_variance(logits):
     return F.softmax(logits.float(), dim=-1).var(dim=-1, unbiased=False)
 
 
+def gate_cos_sim(gate_weight):
+    """Mean |S_ij| over the expert pairs i < j, S the cosine similarity of the rows of the
+    router weight W_g [E, d] (GatePro, arXiv 2510.13079, App. C): how alike the experts'
+    gate vectors are."""
+    rows = F.normalize(gate_weight.detach().float(), dim=1)
+    n_exp = rows.size(0)
+    i, j = torch.triu_indices(n_exp, n_exp, offset=1, device=rows.device)
+    return (rows @ rows.t())[i, j].abs().mean()
+
+
+def pair_coactivation(token_idx, expert_idx, partner, n_tokens):
+    """Fraction of the tokens that select both expert i and its most similar expert
+    j*(i) (partner [E], routers.gatepro_partners), averaged over i: exactly what GatePro
+    suppresses (arXiv 2510.13079)."""
+    selected = torch.zeros(n_tokens, partner.numel(), dtype=torch.bool, device=token_idx.device)
+    selected[token_idx, expert_idx] = True
+    return (selected & selected[:, partner]).float().mean()
+
+
 class RoutingStats:
     """Running totals per MoE layer over the forward passes given to add()."""
 
@@ -47,9 +68,11 @@ class RoutingStats:
         self.losses = {}   # router loss name -> total over layers and passes
         self.n_passes = 0
 
-    def add(self, routings, full=True):
+    def add(self, routings, full=True, gate_weights=None):
         """routings: {layer: Routing} from one forward. full=False counts only the
-        assignments (what the DeepSeek-V3 bias update needs), skipping entropies."""
+        assignments (what the DeepSeek-V3 bias update needs), skipping entropies.
+        gate_weights: {layer: W_g} for the GatePro metrics (pair_coactivation, gate_cos_sim)
+        of the layers whose router has a learned gate."""
         self.n_passes += 1
         for layer, routing in routings.items():
             n_exp = routing.logits.size(-1)
@@ -62,6 +85,12 @@ class RoutingStats:
                 totals['entropy_sum'] = totals['entropy_sum'] + router_entropy(routing.logits).sum()
                 totals['variance_sum'] = totals['variance_sum'] + routing_variance(routing.logits).sum()
                 totals['n_tokens'] += routing.logits.size(0)
+            if full and gate_weights and layer in gate_weights:
+                weight = gate_weights[layer]
+                n_tokens = routing.logits.size(0)
+                totals['coactivation_sum'] = totals.get('coactivation_sum', 0.0) + n_tokens * pair_coactivation(
+                    routing.token_idx, routing.expert_idx, gatepro_partners(weight), n_tokens)
+                totals['gate_cos_sim'] = gate_cos_sim(weight)  # the latest weights
             for name, value in routing.losses.items():
                 self.losses[name] = self.losses.get(name, 0.0) + value.detach()
 
@@ -81,6 +110,9 @@ class RoutingStats:
             if totals['n_tokens'] > 0:
                 row['router_entropy'] = float(totals['entropy_sum']) / totals['n_tokens']
                 row['routing_variance'] = float(totals['variance_sum']) / totals['n_tokens']
+            if 'coactivation_sum' in totals:
+                row['pair_coactivation'] = float(totals['coactivation_sum']) / totals['n_tokens']
+                row['gate_cos_sim'] = float(totals['gate_cos_sim'])
             row['dropped_frac'] = 1.0 - totals['n_pairs'] / max(totals['n_requested'], 1)
             rows.append(row)
         return rows

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from routers import ROUTERS, build_router, capacity_keep_mask, expert_capacity
+from routers import ROUTERS, build_router, capacity_keep_mask, expert_capacity, ortho_loss
 
 
 class LayerNorm(nn.Module):
@@ -104,6 +104,8 @@ class MoE(nn.Module):
         self.capacity_factor = config.capacity_factor
         self.eval_capacity_factor = config.eval_capacity_factor
         self.router = build_router(config)
+        self.ortho_loss_coef = config.ortho_loss_coef
+        self.ortho_loss_eps = config.ortho_loss_eps
         self.experts = Experts(config)
         # DeepSeekMoE (arXiv 2401.06066) shared experts: always on, so they learn what every
         # token needs and the routed experts can specialise. n shared experts of width h
@@ -114,7 +116,7 @@ class MoE(nn.Module):
     def forward(self, x, token_ids=None):
         B, T, C = x.size()
         h = x.reshape(B * T, C)
-        routing = self.router(h, None if token_ids is None else token_ids.reshape(-1))
+        routing = self.router(h, None if token_ids is None else token_ids.reshape(-1), seq_len=T)
 
         # capacity (Switch sec. 2.2): assignments past an expert's capacity are dropped;
         # the token then keeps only its residual. None = dropless.
@@ -131,6 +133,8 @@ class MoE(nn.Module):
         token_sorted = routing.token_idx[order]
         counts = torch.bincount(routing.expert_idx, minlength=self.n_exp)
         expert_out = self.experts(h[token_sorted], counts)
+        if self.ortho_loss_coef > 0:
+            routing.losses['ortho'] = self.ortho_loss_coef * self.selected_experts_ortho_loss(expert_out, order, B * T)
 
         # combine: y[token] += weight * expert(token)
         weighted = expert_out * routing.weight[order].unsqueeze(1).to(expert_out.dtype)
@@ -138,6 +142,14 @@ class MoE(nn.Module):
         if self.shared is not None:
             y = y + self.shared(h)
         return self.dropout(y.to(x.dtype)).view(B, T, C), routing
+
+    def selected_experts_ortho_loss(self, expert_out, order, n_tokens):
+        """Guo et al.'s L_o (routers.ortho_loss) needs the k raw outputs of each token side
+        by side. Undo the sort by expert (the argsort of a permutation is its inverse) to get
+        back the router's choice-major pair order p = c*N + t, then [k, N, d] -> [N, k, d].
+        GPTConfig allows this only for fixed-k token choice without drops, where P = N*k."""
+        pair_out = expert_out[torch.argsort(order)]
+        return ortho_loss(pair_out.view(self.top_k, n_tokens, -1).transpose(0, 1), self.ortho_loss_eps)
 
 
 class Block(nn.Module):
@@ -178,10 +190,28 @@ class GPTConfig:
     capacity_factor: Optional[float] = None  # None = dropless; else assignments past capacity are dropped
     eval_capacity_factor: Optional[float] = None  # None = same as capacity_factor
     # router (routers.py)
-    router: str = 'topk'
+    # (a router may fix some of these, e.g. switch and hash are top-1, and fill in the None
+    # ones with its paper's defaults: see fixed_config / default_config in routers.py)
+    router: str = 'topk'  # a name in routers.ROUTERS
     renormalize: bool = True  # top-k weights divided by their sum (Mixtral) or not (OLMoE)
     aux_loss_coef: float = 0.01  # Switch balance loss, Fedus et al. 2021 sec. 2.2
     z_loss_coef: float = 0.001  # router z-loss, Zoph et al. 2022 (ST-MoE) sec. 3.1
+    # Guo et al. 2025 (arXiv 2505.22323); None = 0, or the ortho_var preset's defaults
+    ortho_loss_coef: Optional[float] = None  # beta: orthogonality of the selected experts' outputs (fixed-k, dropless)
+    ortho_loss_eps: float = 1e-6  # epsilon in L_o's projection denominator
+    var_loss_coef: Optional[float] = None  # gamma: variance of each token's routing softmax, maximised
+    # GatePro (Zheng et al. 2025, arXiv 2510.13079)
+    gatepro_penalty: float = 1e4  # lambda subtracted from a losing expert's logit; 1e-4 is the paper's literal value
+    gatepro_start_iter: int = 0  # competition on from this iteration...
+    gatepro_end_iter: Optional[int] = None  # ...until this one (excluded); None = to the end
+    # Switch (Fedus et al. 2021)
+    switch_jitter: float = 0.01  # multiplicative router-input noise U[1-eps, 1+eps], training only; 0 = off
+    # DeepSeek-V3 auxiliary-loss-free balancing (arXiv 2412.19437 sec. 2.1.2)
+    aux_free_update_rate: float = 0.001  # gamma: bias step per optimizer step (DeepSeek-V3 sec. 4.2)
+    aux_free_seq_loss_coef: float = 1e-4  # alpha of the sequence-wise balance loss (sec. 4.2); 0 = off
+    aux_free_scale: float = 1.0  # gate weights multiplier (DeepSeek-V3's released config: 2.5)
+    # hash layers (Roller et al. 2021)
+    hash_seed: int = 0  # seed of the fixed random token-id -> expert map
 
     def __post_init__(self):
         # every problem here is a user's setting: say which, and what would work
@@ -191,6 +221,17 @@ class GPTConfig:
             raise ValueError(f"moe_every={self.moe_every} must be >= 1")
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; available: {', '.join(sorted(ROUTERS))}")
+        # what the router cannot do without (switch, hash: top_k=1), then its paper's defaults
+        # for what the user left None (switch: capacity 1.25 / 2.0), then the global ones
+        router_class = ROUTERS[self.router]
+        for name, value in router_class.fixed_config.items():
+            setattr(self, name, value)
+        for name, value in router_class.default_config.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name in ('ortho_loss_coef', 'var_loss_coef'):
+            if getattr(self, name) is None:
+                setattr(self, name, 0.0)
         if self.n_exp > 1:
             if not 1 <= self.top_k <= self.n_exp:
                 raise ValueError(f"top_k={self.top_k} must be between 1 and n_exp={self.n_exp}")
@@ -202,6 +243,22 @@ class GPTConfig:
                 self.eval_capacity_factor = self.capacity_factor
             if self.expert_hidden <= 0:
                 self.expert_hidden = max(1, 4 * self.n_embd // (self.top_k + self.n_shared_exp))
+            if self.ortho_loss_coef > 0:
+                self.check_ortho_loss(router_class)
+
+    def check_ortho_loss(self, router_class):
+        # L_o pairs the top_k outputs of each token (MoE.selected_experts_ortho_loss): every
+        # token must have exactly top_k >= 2 experts, none dropped
+        problem = None
+        if not router_class.token_choice or router_class.variable_k:
+            problem = f"router {self.router!r} does not give every token exactly top_k experts"
+        elif self.top_k < 2:
+            problem = f"top_k={self.top_k}: a token with one expert has no pair (router {self.router!r})"
+        elif self.capacity_factor is not None or self.eval_capacity_factor is not None:
+            problem = (f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}: "
+                       f"a dropped assignment leaves its token fewer than top_k outputs; use None (dropless)")
+        if problem:
+            raise ValueError(f"ortho_loss_coef={self.ortho_loss_coef} needs fixed-k token choice without drops: {problem}")
 
     @property
     def use_moe(self):

@@ -80,6 +80,64 @@ def z_loss(logits):
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
+def variance_loss(logits):
+    """Variance loss L_v of Guo et al. 2025 (arXiv 2505.22323, sec. 3.2):
+
+        L_v = -(1/N) * sum_t (1/E) * sum_j (s_tj - 1/E)^2,   s_t = softmax(logits_t) over all E
+
+    the population variance of each token's routing distribution across experts, negated:
+    minimising L_v makes the router more decisive (a uniform s_t has variance 0).
+    logits [N, E], the raw scores BEFORE top-k."""
+    probs = F.softmax(logits.float(), dim=-1)
+    return -probs.var(dim=-1, unbiased=False).mean()
+
+
+def ortho_loss(expert_out, eps=1e-6):
+    """Orthogonality loss L_o of Guo et al. 2025 (arXiv 2505.22323, sec. 3.1): for each token,
+    the squared length of the projection of every selected expert's output onto every other
+    one, summed over the ordered pairs (j, k), j != k, and averaged over the N tokens:
+
+        L_o = (1/N) sum_t sum_{j != k} || (<e_tj, e_tk> / (<e_tk, e_tk> + eps)) e_tk ||^2
+
+    expert_out [N, k, d]: the k raw expert outputs E_j(x_t) of token t (before gate
+    weighting). Only outputs of the SAME token are paired (the authors' released code
+    reshapes so that different tokens get paired; that is not this formula).
+    ||c e||^2 = c^2 <e, e>, so the whole sum comes from the per-token Gram matrices."""
+    out = expert_out.float()
+    gram = out @ out.transpose(1, 2)                    # [N, k, k], gram[t, j, k] = <e_tj, e_tk>
+    sq_norm = gram.diagonal(dim1=1, dim2=2)             # [N, k],  <e_tk, e_tk>
+    coef = gram / (sq_norm.unsqueeze(1) + eps)          # divide column k by <e_tk, e_tk> + eps
+    proj_sq = coef.square() * sq_norm.unsqueeze(1)      # ||coef * e_tk||^2
+    off_diagonal = 1.0 - torch.eye(out.size(1), device=out.device)
+    return (proj_sq * off_diagonal).sum(dim=(1, 2)).mean()
+
+
+def gatepro_partners(gate_weight):
+    """GatePro (arXiv 2510.13079, Algorithm 1): j*(i) = argmax_{j != i} S_ij, S the cosine
+    similarity of the rows of the gate weight W_g [E, d]. Directed: j*(j*(i)) need not be
+    i. Recomputed from the current weights, without gradient. Returns [E] long."""
+    with torch.no_grad():
+        rows = F.normalize(gate_weight.detach().float(), dim=1)
+        similarity = rows @ rows.t()
+        similarity.fill_diagonal_(-float('inf'))  # an expert is not its own partner
+        return similarity.argmax(dim=1)
+
+
+def gatepro_penalize(logits, gate_weight, penalty):
+    """GatePro competition (arXiv 2510.13079, Algorithm 1): for each token, expert i loses
+    to its most similar expert j*(i) when its logit is strictly smaller, and a loser's
+    logit drops by `penalty`; winners keep theirs:
+
+        l'_ti = l_ti - penalty * [l_ti < l_t,j*(i)]
+
+    In fp32: a penalty of 1e-4 (the paper's literal value) would round away in bf16.
+    logits [N, E]; returns the penalised logits [N, E] (the gradient of the kept logits
+    is unchanged: the penalty is a constant)."""
+    logits = logits.float()
+    partner_logits = logits[:, gatepro_partners(gate_weight)]  # [N, E]: l_t,j*(i) in column i
+    return logits - penalty * (logits < partner_logits).float()
+
+
 # -----------------------------------------------------------------------------
 # Capacity: drop assignments past an expert's capacity (Switch Transformer, sec. 2.2)
 
@@ -109,16 +167,34 @@ def capacity_keep_mask(expert_idx, n_exp, capacity):
 
 class Router(nn.Module):
     """Base class: a linear gate W_g [E, d] without bias, and the losses every router can
-    switch on by coefficient (Switch balance loss, z-loss). Routers compute in fp32 even
-    under autocast: bf16 logits tie and flip the top-k choice."""
+    switch on by coefficient (Switch balance loss, z-loss, variance loss). Routers compute
+    in fp32 even under autocast: bf16 logits tie and flip the top-k choice.
 
-    def __init__(self, config):
+    forward(h, token_ids=None, seq_len=None) -> Routing, with h [N, d] the hidden states of
+    N = B*seq_len tokens (B sequences, in order) and token_ids [N] their input token ids
+    (for routers that route by identity, like hash).
+
+    Class attributes tell the MoE layer and GPTConfig what kind of router this is:
+      token_choice    each token picks its experts; False = experts pick tokens (the MoE
+                      layer then does not drop by capacity, the router bounds the load itself)
+      variable_k      a token may get another number of experts than top_k
+      fixed_config    GPTConfig fields this router cannot do without (switch: top_k=1)
+      default_config  GPTConfig fields it fills, when the user left them None, with its
+                      paper's values (switch: capacity factors 1.25 / 2.0)
+    """
+    token_choice = True
+    variable_k = False
+    fixed_config = {}
+    default_config = {}
+
+    def __init__(self, config, learned_gate=True):
         super().__init__()
         self.n_exp = config.n_exp
         self.top_k = config.top_k
         self.aux_loss_coef = config.aux_loss_coef
         self.z_loss_coef = config.z_loss_coef
-        self.gate = nn.Linear(config.n_embd, config.n_exp, bias=False)
+        self.var_loss_coef = config.var_loss_coef
+        self.gate = nn.Linear(config.n_embd, config.n_exp, bias=False) if learned_gate else None
 
     def gate_logits(self, h):
         # fp32 matmul outside autocast: the router is tiny, its precision matters
@@ -126,12 +202,22 @@ class Router(nn.Module):
             return F.linear(h.float(), self.gate.weight.float())
 
     def standard_losses(self, logits, probs, expert_idx):
+        """The losses switched on by coefficient. probs=None: this router balances its load
+        another way (expert choice, DeepSeek-V3's bias), so no Switch balance loss."""
         losses = {}
-        if self.aux_loss_coef > 0:
+        if self.aux_loss_coef > 0 and probs is not None:
             losses['aux'] = self.aux_loss_coef * switch_aux_loss(probs, expert_idx, self.n_exp)
         if self.z_loss_coef > 0:
             losses['z'] = self.z_loss_coef * z_loss(logits)
+        if self.var_loss_coef > 0:
+            losses['var'] = self.var_loss_coef * variance_loss(logits)
         return losses
+
+    def set_iter(self, iter_num):
+        """Called by train.py before every forward with the current iteration (also right
+        after a resume), and by sample.py with the checkpoint's. Routers that change with
+        the training step (GatePro's hot-swap window) read it here."""
+        pass
 
     def update_after_step(self, load_counts):
         """Called by train.py after each optimizer step with this layer's assignment counts
@@ -157,16 +243,22 @@ class TopKRouter(Router):
     renormalize=True divides the kept k weights by their sum (Mixtral, arXiv 2401.04088);
     False keeps the raw softmax values (OLMoE, arXiv 2409.02060). Default True.
     Losses by coefficient: aux_loss_coef (Switch, default 0.01), z_loss_coef (ST-MoE, 0.001).
+    Subclasses change the logits (gate_logits) or the probabilities that choose
+    (routing_probs); the balance loss always sees the plain softmax of the logits.
     """
 
     def __init__(self, config):
         super().__init__(config)
         self.renormalize = config.renormalize
 
-    def forward(self, h, token_ids=None):
+    def routing_probs(self, logits, probs):
+        """The probabilities the top-k is taken on (GatePro penalises them)."""
+        return probs
+
+    def forward(self, h, token_ids=None, seq_len=None):
         logits = self.gate_logits(h)
         probs = F.softmax(logits, dim=-1)
-        topk_weight, topk_idx = torch.topk(probs, self.top_k, dim=-1)
+        topk_weight, topk_idx = torch.topk(self.routing_probs(logits, probs), self.top_k, dim=-1)
         if self.renormalize:
             topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
         token_idx, expert_idx, weight = flatten_choices(topk_idx, topk_weight)
@@ -174,8 +266,253 @@ class TopKRouter(Router):
         return Routing(token_idx, expert_idx, weight, logits.detach(), losses, n_requested=expert_idx.numel())
 
 
+class GateProRouter(TopKRouter):
+    """GatePro (Zheng et al. 2025, arXiv 2510.13079, Algorithm 1): top-k routing in which
+    every expert competes with its most similar expert (cosine of the gate rows), so two
+    experts with nearly the same gate vector are not both picked for one token.
+
+        l = W_g h (no bias),  l' = gatepro_penalize(l, W_g, penalty),
+        top-k of l', weights = softmax over the k selected   (the paper's eqs. 2-4, 9-10)
+
+    The softmax over the k selected is renormalize=True, the default (False keeps the
+    softmax of the penalised logits over all E, which is not the paper's).
+
+    gatepro_penalty (lambda), default 1e4: the paper writes "typically lambda = 1e-4" yet
+    calls the penalty aggressive, one that "effectively eliminates the losing expert".
+    The default takes the elimination reading: a loser is picked only when fewer than k
+    experts win, and then with weight ~0. The literal 1e-4 only reorders logits within
+    1e-4 of each other (near-ties), and would round away in bf16: it is applied in fp32.
+    Hot-swap: the competition is on for gatepro_start_iter <= iter < gatepro_end_iter
+    (None = no end), and outside it the router is exactly topk; train.py reports the
+    iteration through set_iter(), after a resume too.
+    Balance loss (aux_loss_coef): P from the softmax of the UNpenalised logits (what the
+    gate learns from), f from the assignments actually made.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.penalty = config.gatepro_penalty
+        self.start_iter = config.gatepro_start_iter
+        self.end_iter = config.gatepro_end_iter
+        self.iter_num = 0  # until set_iter says otherwise
+
+    def set_iter(self, iter_num):
+        self.iter_num = iter_num
+
+    def competing(self):
+        return self.start_iter <= self.iter_num and (self.end_iter is None or self.iter_num < self.end_iter)
+
+    def routing_probs(self, logits, probs):
+        if not self.competing():
+            return probs
+        return F.softmax(gatepro_penalize(logits, self.gate.weight, self.penalty), dim=-1)
+
+
+class OrthoVarRouter(TopKRouter):
+    """Top-k routing with the two losses of Guo et al. 2025 (arXiv 2505.22323) switched on:
+    L = L_lm + alpha L_aux + beta L_o + gamma L_v, summed over the MoE layers.
+
+    L_v (var_loss_coef = gamma) is computed here, from the logits of all E experts
+    (variance_loss); L_o (ortho_loss_coef = beta) needs the experts' outputs, so the MoE
+    layer computes it (model.py, MoE.selected_experts_ortho_loss). Both work with any
+    fixed-k token-choice router; this preset only fills them in when left None.
+    Defaults beta = 0.1, gamma = 0.3: the paper's released configs calibrate beta and gamma
+    so that the initial terms are about 1e-4 and 1e-3, and on the default model these
+    values give 1e-4 and 9e-4 at step 0; in our short sweep (README, Routers) they beat
+    plain topk, while 10x both made the routing one-hot and collapsed. alpha stays
+    aux_loss_coef (0.01; the paper's configs use 0.001).
+    """
+    default_config = {'ortho_loss_coef': 0.1, 'var_loss_coef': 0.3}
+
+
+class SwitchRouter(TopKRouter):
+    """Switch Transformer routing (Fedus et al. 2021, arXiv 2101.03961): top-1.
+
+        p(x) = softmax(W_g x) (eq. 1),  y = p_i(x) E_i(x) for i = argmax p (eq. 2)
+
+    The weight is the raw probability p_i, not renormalised (renormalised top-1 is always
+    1.0 and the router would learn nothing from the LM loss). Capacity (eq. 3):
+    capacity_factor * N / E tokens per expert; the MoE layer drops the rest and those
+    tokens keep only their residual. Defaults, filled in when capacity_factor and
+    eval_capacity_factor are None: 1.25 in training (one of the factors of the paper's
+    Table 1) and 2.0 in eval (more room, fewer drops, when no gradient needs the balance).
+    Balance loss: aux_loss_coef, alpha = 0.01 (sec. 2.2). switch_jitter, eps = 0.01 by
+    default (the paper's "input jitter" exploration strategy): in training only, the router
+    input is multiplied by noise uniform in [1 - eps, 1 + eps]; 0 turns it off.
+    """
+    fixed_config = {'top_k': 1}
+    default_config = {'capacity_factor': 1.25, 'eval_capacity_factor': 2.0}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.renormalize = False
+        self.jitter = config.switch_jitter
+
+    def gate_logits(self, h):
+        if self.training and self.jitter > 0:
+            h = h.float() * torch.empty_like(h, dtype=torch.float32).uniform_(1 - self.jitter, 1 + self.jitter)
+        return super().gate_logits(h)
+
+
+class NoisyTopKRouter(TopKRouter):
+    """Noisy top-k gating (Shazeer et al. 2017, arXiv 1701.06538, eqs. 3-5):
+
+        H(x)_i = (x W_g)_i + StandardNormal() * softplus((x W_noise)_i)     (eq. 4)
+        G(x) = softmax(KeepTopK(H(x), k))                                    (eqs. 3, 5)
+
+    The noise scale is learned per token and per expert by its own Linear W_noise, and the
+    noise is added in training only (in eval H = x W_g). Softmax over the kept k is
+    renormalize=True (the default). Balance: the paper's importance and load losses
+    (eqs. 6-10) are not implemented; the Switch loss (aux_loss_coef) on softmax(H) stands in.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.noise = nn.Linear(config.n_embd, config.n_exp, bias=False)
+
+    def gate_logits(self, h):
+        logits = super().gate_logits(h)
+        if not self.training:
+            return logits
+        with torch.autocast(device_type=h.device.type, enabled=False):
+            noise_std = F.softplus(F.linear(h.float(), self.noise.weight.float()))
+        return logits + torch.randn_like(logits) * noise_std
+
+
+class ExpertChoiceRouter(Router):
+    """Expert choice routing (Zhou et al. 2022, arXiv 2202.09368, sec. 3.2, eq. 1):
+
+        S = softmax(X W_g) over experts [N, E];  each expert takes its top-C tokens by S,
+        C = N * capacity_factor / E;  weight of (token t, expert e) = S_te
+
+    Perfectly balanced by construction (no balance loss); a token may get 0 to E experts,
+    capacity_factor of them on average (default 2, the paper's EC-CF2; eval uses
+    eval_capacity_factor, by default the same).
+
+    NOT CAUSAL: an expert picks among all N = B*T tokens of the batch, so whether an early
+    token is picked depends on the later tokens (and on the other sequences). A decoder
+    trained this way sees the future through the routing; its val loss is not comparable
+    with the causal routers', and generation token by token differs from training.
+    """
+    token_choice = False
+    variable_k = True
+    default_config = {'capacity_factor': 2.0}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
+        self.experts_per_token = config.capacity_factor  # on average; model.get_num_active_params
+
+    def forward(self, h, token_ids=None, seq_len=None):
+        logits = self.gate_logits(h)
+        probs = F.softmax(logits, dim=-1)
+        N = h.size(0)
+        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        capacity = min(N, expert_capacity(N, self.n_exp, 1, capacity_factor))
+        weight, token_idx = torch.topk(probs.t(), capacity, dim=1)  # [E, C]: each expert's C best tokens
+        expert_idx = torch.arange(self.n_exp, device=h.device).repeat_interleave(capacity)
+        losses = self.standard_losses(logits, None, expert_idx)
+        return Routing(token_idx.reshape(-1), expert_idx, weight.reshape(-1), logits.detach(), losses,
+                       n_requested=expert_idx.numel())
+
+
+def sequence_balance_loss(scores, topk_idx, seq_len):
+    """DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437, eqs. 17-20),
+    without its alpha, averaged over the B = N / seq_len sequences:
+
+        L = sum_i f_i P_i,  f_i = E / (k T) * (number of the T tokens with i in their top-k)
+                            P_i = (1/T) sum_t s_ti / sum_j s_tj
+
+    scores [N, E]: the sigmoid affinities, tokens in sequence order; topk_idx [N, k].
+    Equals 1 when both are uniform; the gradient flows through P only."""
+    N, n_exp = scores.shape
+    k = topk_idx.size(1)
+    chosen = torch.zeros_like(scores).scatter_(1, topk_idx, 1.0).view(-1, seq_len, n_exp)
+    f = chosen.sum(dim=1) * n_exp / (k * seq_len)                                 # [B, E]
+    P = (scores / scores.sum(dim=-1, keepdim=True)).view(-1, seq_len, n_exp).mean(dim=1)  # [B, E]
+    return (f * P).sum(dim=-1).mean()
+
+
+class AuxFreeRouter(Router):
+    """Auxiliary-loss-free balancing (DeepSeek-V3, arXiv 2412.19437, sec. 2.1.2; Wang et al.
+    2024, Loss-Free Balancing, arXiv 2408.15664):
+
+        s_t = sigmoid(W_g h_t)                                                    (eq. 15)
+        pick the top-k of s_t + b; b only picks, it never weighs                   (eq. 16)
+        weights = scale * s_ti / sum_{j picked} s_tj                               (eq. 13)
+        after each optimizer step: b_i += gamma * sign(mean load - load_i)         (sec. 2.1.2)
+
+    b is a buffer (no gradient; checkpointed, broadcast under DDP) updated from the load of
+    the whole global batch by update_after_step. gamma = aux_free_update_rate, 0.001
+    (DeepSeek-V3 sec. 4.2; Loss-Free Balancing's u). No Switch balance loss; instead the
+    optional sequence-wise loss of eqs. 17-20 with alpha = aux_free_seq_loss_coef, default
+    1e-4 (DeepSeek-V3 sec. 4.2; 0 = Loss-Free Balancing's pure form). aux_free_scale
+    multiplies the weights (DeepSeek-V3's released config uses 2.5; default 1.0 so the
+    weights sum to 1 like topk's). Routing.logits are the pre-sigmoid scores.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.update_rate = config.aux_free_update_rate
+        self.seq_loss_coef = config.aux_free_seq_loss_coef
+        self.scale = config.aux_free_scale
+        self.register_buffer('expert_bias', torch.zeros(config.n_exp))
+
+    def forward(self, h, token_ids=None, seq_len=None):
+        logits = self.gate_logits(h)
+        scores = torch.sigmoid(logits)
+        _, topk_idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1)
+        topk_score = scores.gather(1, topk_idx)
+        topk_weight = self.scale * topk_score / topk_score.sum(dim=-1, keepdim=True)
+        token_idx, expert_idx, weight = flatten_choices(topk_idx, topk_weight)
+        losses = self.standard_losses(logits, None, expert_idx)
+        if self.seq_loss_coef > 0:
+            losses['seq_aux'] = self.seq_loss_coef * sequence_balance_loss(scores, topk_idx, seq_len or h.size(0))
+        return Routing(token_idx, expert_idx, weight, logits.detach(), losses, n_requested=expert_idx.numel())
+
+    @torch.no_grad()
+    def update_after_step(self, load_counts):
+        load = load_counts.to(self.expert_bias.device, torch.float32)
+        # overloaded experts (load above the mean) lose bias, underloaded ones gain it
+        self.expert_bias += self.update_rate * torch.sign(load.mean() - load)
+
+
+class HashRouter(Router):
+    """Hash layers (Roller et al. 2021, arXiv 2106.04426, "Random Hash"): a fixed
+    random map from token id to expert, drawn once from a generator seeded with hash_seed
+    and stored as a buffer; top-1 with weight 1.0; nothing is learned and there is no loss.
+    A lower bound for learned routers. Every MoE layer gets the same map (same seed).
+    Routing.logits are honest one-hot scores: 0 for the hashed expert, -1e4 (log 0 for
+    practical purposes) elsewhere, so the metrics see a router with entropy 0.
+    """
+    fixed_config = {'top_k': 1}
+
+    def __init__(self, config):
+        super().__init__(config, learned_gate=False)
+        generator = torch.Generator().manual_seed(config.hash_seed)
+        self.register_buffer('expert_of_token', torch.randint(0, config.n_exp, (config.vocab_size,), generator=generator))
+
+    def forward(self, h, token_ids=None, seq_len=None):
+        if token_ids is None:
+            raise ValueError("the hash router routes by token id: call it with token_ids [N]")
+        N = h.size(0)
+        expert_idx = self.expert_of_token[token_ids]
+        token_idx = torch.arange(N, device=h.device)
+        weight = torch.ones(N, device=h.device)
+        logits = torch.full((N, self.n_exp), -1e4, device=h.device).scatter_(1, expert_idx.unsqueeze(1), 0.0)
+        return Routing(token_idx, expert_idx, weight, logits, {}, n_requested=N)
+
+
 ROUTERS = {
     'topk': TopKRouter,
+    'gatepro': GateProRouter,
+    'ortho_var': OrthoVarRouter,
+    'switch': SwitchRouter,
+    'noisy_topk': NoisyTopKRouter,
+    'expert_choice': ExpertChoiceRouter,
+    'aux_free': AuxFreeRouter,
+    'hash': HashRouter,
 }
 
 

@@ -57,6 +57,8 @@ if not os.path.exists(ckpt_path):
 checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
 model = GPT(GPTConfig(**checkpoint['model_args']))
 model.load_state_dict(checkpoint['model'])
+for _, moe in model.moe_layers():
+    moe.router.set_iter(checkpoint['iter_num'])  # route as at the checkpoint (GatePro's window)
 model.eval()
 model.to(device)
 if compile:

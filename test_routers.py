@@ -6,8 +6,11 @@ import math
 import pytest
 import torch
 
+from metrics import gate_cos_sim, pair_coactivation
 from model import GPTConfig
-from routers import ROUTERS, Routing, build_router, capacity_keep_mask, expert_capacity, switch_aux_loss, z_loss
+from routers import (ROUTERS, Routing, build_router, capacity_keep_mask, expert_capacity, gatepro_partners,
+                     gatepro_penalize, ortho_loss, sequence_balance_loss, switch_aux_loss, variance_loss,
+                     z_loss)
 
 
 def router_config(**overrides):
@@ -45,6 +48,41 @@ def test_capacity_keep_mask_by_hand():
     assert keep.tolist() == [True, True, True, False]
     # Switch eq. (3) with k assignments per token: 1.25 * 16 tokens * 2 / 4 experts = 10
     assert expert_capacity(16, 4, 2, 1.25) == 10
+
+
+def test_variance_loss_by_hand():
+    # softmax([0, ln 3]) = [1/4, 3/4]: mean 1/2, population variance ((1/4)^2 + (1/4)^2) / 2 = 1/16
+    # softmax([0, 0]) = [1/2, 1/2]: variance 0.   L_v = -(1/16 + 0) / 2 = -1/32
+    logits = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])
+    assert variance_loss(logits).item() == pytest.approx(-1 / 32)
+
+
+def test_ortho_loss_by_hand():
+    # token 0: e1 = (1, 0), e2 = (1, 1); <e1, e2> = 1, |e1|^2 = 1, |e2|^2 = 2
+    #   project e1 on e2: (1/2) e2, squared length 1/4 * 2 = 1/2
+    #   project e2 on e1: (1/1) e1, squared length 1           -> 3/2
+    # token 1: (1, 0), (0, 1) orthogonal -> 0.      L_o = (3/2 + 0) / 2 = 3/4
+    out = torch.tensor([[[1.0, 0.0], [1.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]])
+    assert ortho_loss(out, eps=0.0).item() == pytest.approx(0.75)
+    # eps sits in the denominator: with eps = 1, token 0 gives (1/3)^2 * 2 + (1/2)^2 * 1 = 2/9 + 1/4
+    assert ortho_loss(out, eps=1.0).item() == pytest.approx((2 / 9 + 1 / 4) / 2)
+
+
+def test_ortho_loss_pairs_outputs_of_the_same_token():
+    # orthogonal within each token, parallel ACROSS tokens: the loss must be exactly 0
+    # (pairing outputs of different tokens, as a wrong reshape does, would give > 0)
+    out = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[2.0, 0.0], [0.0, 3.0]]])
+    assert ortho_loss(out).item() == 0.0
+
+
+def test_sequence_balance_loss_by_hand():
+    # DeepSeek-V3 eqs. 17-20, E = 2, k = 1, T = 2, two sequences
+    # sequence 0: scores (0.3, 0.2), (0.4, 0.1) -> normalised (0.6, 0.4), (0.8, 0.2); both pick expert 0
+    #   f = E/(kT) * counts = 1 * (2, 0);  P = (0.7, 0.3);  sum f P = 1.4
+    # sequence 1: normalised (0.9, 0.1) picks 0, (0.3, 0.7) picks 1: f = (1, 1), P = (0.6, 0.4) -> 1.0
+    scores = torch.tensor([[0.3, 0.2], [0.4, 0.1], [0.9, 0.1], [0.3, 0.7]])
+    topk_idx = torch.tensor([[0], [0], [0], [1]])
+    assert sequence_balance_loss(scores, topk_idx, seq_len=2).item() == pytest.approx((1.4 + 1.0) / 2)
 
 
 # -----------------------------------------------------------------------------
@@ -100,6 +138,322 @@ def test_aux_loss_uses_full_softmax_not_topk_weights():
     r = router(h)
     # f = [1, 0], P = [0.8808, 0.1192] -> 2 * 0.8808 = 1.7616 (renormalised weights would give 2.0)
     assert r.losses['aux'].item() == pytest.approx(2 * 0.880797, abs=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# gatepro
+
+# E = 4 gate rows: 0 and 1 nearly parallel, 2 and 3 nearly parallel, the two pairs orthogonal.
+# cos(0, 1) = 1/sqrt(1.01) = 0.995, cos(2, 3) = 0.995, cos(0, 2) = 0, cos(1, 2) = 0.1/sqrt(1.01) = 0.0995
+# -> partners j*(0) = 1, j*(1) = 0, j*(2) = 3, j*(3) = 2
+PAIRED_GATE = [[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]
+
+
+def test_gatepro_penalize_by_hand():
+    gate = torch.tensor(PAIRED_GATE)
+    assert gatepro_partners(gate).tolist() == [1, 0, 3, 2]
+    logits = torch.tensor([[1.0, 2.0, 3.0, 0.0],    # 0 loses to 1 (1 < 2), 3 loses to 2 (0 < 3)
+                           [2.0, 2.0, 0.0, 1.0]])   # tie 0-1: neither is strictly smaller, both win; 2 loses
+    expected = torch.tensor([[1.0 - 10, 2.0, 3.0, 0.0 - 10],
+                             [2.0, 2.0, 0.0 - 10, 1.0]])
+    torch.testing.assert_close(gatepro_penalize(logits, gate, penalty=10.0), expected)
+
+
+def test_gatepro_partner_matches_brute_force_cosine():
+    torch.manual_seed(0)
+    gate = torch.randn(7, 5)
+    rows = gate.tolist()
+    expected = []
+    for i, a in enumerate(rows):
+        best, best_j = -2.0, None
+        for j, b in enumerate(rows):
+            if j == i:
+                continue
+            cos = sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+            if cos > best:
+                best, best_j = cos, j
+        expected.append(best_j)
+    assert gatepro_partners(gate).tolist() == expected
+
+
+def test_gatepro_large_penalty_never_selects_a_loser_and_argmax_always_wins():
+    torch.manual_seed(1)
+    E, k = 8, 2
+    gate = torch.randn(E, 6)
+    logits = torch.randn(500, E) * 3
+    partner = gatepro_partners(gate)
+    loses = logits < logits[:, partner]
+    selected = torch.topk(gatepro_penalize(logits, gate, penalty=1e4), k, dim=-1).indices
+    enough_winners = (~loses).sum(dim=-1) >= k
+    assert enough_winners.sum() > 100  # the property below is tested on many tokens
+    assert not loses.gather(1, selected)[enough_winners].any()
+    # the largest logit cannot be strictly smaller than its partner's: it always wins and is picked
+    argmax = logits.argmax(dim=-1)
+    assert not loses.gather(1, argmax[:, None]).any()
+    assert (selected == argmax[:, None]).any(dim=-1).all()
+
+
+def test_gatepro_literal_small_penalty_only_breaks_near_ties():
+    # hand case, PAIRED_GATE, k = 2: l = (3, 2.00005, 2.0, 0). Plain top-2 = {0, 1}. Expert 1
+    # loses to its partner 0 (2.00005 < 3) and drops by 1e-4 to 1.99995 < 2.0, while expert 2
+    # wins against 3 (2.0 > 0): GatePro picks {0, 2}. The two logits were 5e-5 apart.
+    gate = torch.tensor(PAIRED_GATE)
+    logits = torch.tensor([[3.0, 2.00005, 2.0, 0.0]])
+    assert set(torch.topk(gatepro_penalize(logits, gate, 1e-4), 2).indices[0].tolist()) == {0, 2}
+    # random logits: a token's top-2 changes only when its 2nd and 3rd logits are within 1e-4
+    torch.manual_seed(2)
+    gate = torch.randn(8, 6)
+    logits = torch.randn(2000, 8)
+    # plant near-ties at the top-2 boundary in half the tokens: 3rd = 2nd - (0 to 5e-5)
+    top = torch.topk(logits[:1000], 3)
+    near = top.values[:, 1] - 5e-5 * torch.rand(1000)
+    logits[:1000].scatter_(1, top.indices[:, 2:], near[:, None])
+    plain = torch.topk(logits, 2).indices.sort().values
+    penalised = torch.topk(gatepro_penalize(logits, gate, 1e-4), 2).indices.sort().values
+    differs = (plain != penalised).any(dim=-1)
+    top3 = torch.topk(logits, 3).values
+    assert differs.any()
+    assert (top3[differs, 1] - top3[differs, 2] < 1e-4).all()
+
+
+def test_gatepro_equals_topk_exactly_outside_the_window():
+    torch.manual_seed(3)
+    config = router_config(router='gatepro', n_exp=8, gatepro_start_iter=5, gatepro_end_iter=10)
+    gatepro = build_router(config)
+    topk = build_router(router_config(n_exp=8))
+    topk.load_state_dict(gatepro.state_dict())
+    h = torch.randn(64, 8)
+    reference = topk(h)
+    for iter_num, competing in [(0, False), (4, False), (5, True), (9, True), (10, False), (100, False)]:
+        gatepro.set_iter(iter_num)
+        r = gatepro(h)
+        same = torch.equal(r.expert_idx, reference.expert_idx) and torch.equal(r.weight, reference.weight)
+        assert same != competing, iter_num
+        if not competing:
+            assert r.losses.keys() == reference.losses.keys()
+            assert all(torch.equal(r.losses[name], reference.losses[name]) for name in r.losses)
+
+
+def test_gatepro_balance_loss_uses_unpenalised_probs_and_actual_assignments():
+    torch.manual_seed(4)
+    router = build_router(router_config(router='gatepro', n_exp=8, aux_loss_coef=1.0, z_loss_coef=0.0))
+    h = torch.randn(64, 8)
+    r = router(h)
+    probs = torch.softmax(h @ router.gate.weight.t(), dim=-1)  # unpenalised
+    torch.testing.assert_close(r.losses['aux'], switch_aux_loss(probs, r.expert_idx, 8))
+
+
+def test_gatepro_metrics_by_hand():
+    # rows (1,0), (0,1), (1,1): |cos| = 0, 1/sqrt2, 1/sqrt2 for the pairs (0,1), (0,2), (1,2)
+    assert gate_cos_sim(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])).item() == pytest.approx(2 / 3 / math.sqrt(2))
+    # partners of PAIRED_GATE: 0<->1, 2<->3. Token 0 picks {0, 1}, token 1 picks {0, 2}:
+    # expert 0 and its partner together in 1 of 2 tokens, expert 1 too, experts 2, 3 in none
+    # -> (1/2 + 1/2 + 0 + 0) / 4 = 1/4
+    partner = gatepro_partners(torch.tensor(PAIRED_GATE))
+    coactivation = pair_coactivation(torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 2]), partner, n_tokens=2)
+    assert coactivation.item() == pytest.approx(0.25)
+
+
+# -----------------------------------------------------------------------------
+# switch, noisy_topk
+
+
+def test_switch_is_top1_with_the_raw_probability():
+    config = router_config(router='switch', n_embd=3, n_head=1, n_exp=3)
+    assert config.top_k == 1 and config.capacity_factor == 1.25 and config.eval_capacity_factor == 2.0
+    router = build_router(config).eval()
+    set_gate(router, [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    r = router(torch.tensor([[1.0, 2.0, 3.0]]))
+    # softmax([1, 2, 3])[2] = 0.6652: the weight is p_i itself, not renormalised to 1
+    assert r.expert_idx.tolist() == [2]
+    torch.testing.assert_close(r.weight, torch.tensor([0.6652]), atol=1e-4, rtol=0)
+
+
+def test_switch_keeps_user_capacity_factors():
+    config = router_config(router='switch', capacity_factor=1.0, eval_capacity_factor=1.5)
+    assert (config.capacity_factor, config.eval_capacity_factor) == (1.0, 1.5)
+
+
+def test_switch_jitter_is_multiplicative_and_training_only():
+    config = router_config(router='switch', n_embd=3, n_head=1, n_exp=3, switch_jitter=0.1)
+    router = build_router(config)
+    set_gate(router, [[1, 0, 0], [0, 1, 0], [0, 0, 1]])  # logits = jittered h
+    h = torch.tensor([[1.0, 2.0, 3.0]]).repeat(50, 1)
+    logits = router.train()(h).logits
+    # every input component is scaled by a factor in [0.9, 1.1]
+    assert (logits >= 0.9 * h - 1e-6).all() and (logits <= 1.1 * h + 1e-6).all()
+    assert logits.std(dim=0).min() > 0  # the noise is there...
+    assert torch.equal(router.eval()(h).logits, h)  # ...and not in eval
+
+
+def test_noisy_topk_adds_softplus_scaled_gaussian_noise_in_training_only():
+    config = router_config(router='noisy_topk', n_embd=3, n_head=1, n_exp=3, top_k=2)
+    router = build_router(config)
+    set_gate(router, [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    with torch.no_grad():
+        router.noise.weight.zero_()  # softplus(0) = ln 2: H = x W_g + ln2 * z (eq. 4)
+    h = torch.tensor([[1.0, 2.0, 3.0], [3.0, 1.0, 2.0]])
+    torch.manual_seed(5)
+    r = router.train()(h)
+    torch.manual_seed(5)
+    z = torch.randn(2, 3)
+    torch.testing.assert_close(r.logits, h + math.log(2) * z)
+    # eval: no noise; eq. 3 softmax over the kept two of [1, 2, 3] is the renormalised top-2
+    r = router.eval()(h)
+    assert r.expert_idx.tolist() == [2, 0, 1, 2]
+    torch.testing.assert_close(r.weight, torch.tensor([0.7311, 0.7311, 0.2689, 0.2689]), atol=1e-4, rtol=0)
+
+
+def test_noisy_topk_noise_weights_get_gradient():
+    torch.manual_seed(6)
+    router = build_router(router_config(router='noisy_topk')).train()
+    router(torch.randn(32, 8)).weight.sum().backward()
+    assert router.noise.weight.grad.abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# expert_choice
+
+
+def test_expert_choice_by_hand():
+    config = router_config(router='expert_choice', n_embd=2, n_head=1, n_exp=2, capacity_factor=1.0)
+    router = build_router(config).eval()
+    set_gate(router, [[1, 0], [0, 1]])
+    # softmax per token: t0 (2,0) -> (.8808, .1192), t1 (0,2) -> (.1192, .8808),
+    #                    t2 (1,0) -> (.7311, .2689), t3 (0,1) -> (.2689, .7311)
+    h = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0]])
+    # C = 4 * 1.0 / 2 = 2: expert 0 takes t0, t2 (its two best), expert 1 takes t1, t3
+    r = router(h)
+    assert r.expert_idx.tolist() == [0, 0, 1, 1] and r.token_idx.tolist() == [0, 2, 1, 3]
+    torch.testing.assert_close(r.weight, torch.tensor([.8808, .7311, .8808, .7311]), atol=1e-4, rtol=0)
+    assert 'aux' not in r.losses  # balanced by construction
+    # C = 4 * 0.5 / 2 = 1: t2 and t3 get no expert at all
+    router.eval_capacity_factor = 0.5
+    r = router(h)
+    assert r.token_idx.tolist() == [0, 1]
+
+
+def test_expert_choice_is_not_causal_at_the_router():
+    # continue the hand case with C = 1: expert 1 took t1 (.8808). A LATER token t3 = (0, 5)
+    # has softmax (0.0067, 0.9933) and takes expert 1's only slot: t1's routing changed
+    # because of a token that comes after it.
+    config = router_config(router='expert_choice', n_embd=2, n_head=1, n_exp=2, capacity_factor=0.5)
+    router = build_router(config).eval()
+    set_gate(router, [[1, 0], [0, 1]])
+    h = torch.tensor([[2.0, 0.0], [0.0, 2.0], [1.0, 0.0], [0.0, 1.0]])
+    assert 1 in router(h).token_idx.tolist()
+    h[3] = torch.tensor([0.0, 5.0])
+    assert 1 not in router(h).token_idx.tolist()
+
+
+def test_expert_choice_defaults():
+    config = router_config(router='expert_choice')
+    assert config.capacity_factor == config.eval_capacity_factor == 2.0  # EC-CF2
+    assert build_router(config).experts_per_token == 2.0
+
+
+# -----------------------------------------------------------------------------
+# aux_free
+
+
+def test_aux_free_by_hand():
+    config = router_config(router='aux_free', n_embd=3, n_head=1, n_exp=3, top_k=2)
+    router = build_router(config).eval()
+    set_gate(router, [[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    h = torch.tensor([[1.0, 0.5, 0.2]])
+    # s = sigmoid(1, .5, .2) = (.7311, .6225, .5498); top-2 = experts 0, 1
+    assert router(h).expert_idx.tolist() == [0, 1]
+    # bias (0, 0, .2): s + b = (.7311, .6225, .7498) -> picks 2, then 0; the weights come from s
+    # alone: .5498 / (.5498 + .7311) = .4293 and .7311 / 1.2809 = .5707
+    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.2]))
+    r = router(h)
+    assert r.expert_idx.tolist() == [2, 0]
+    torch.testing.assert_close(r.weight, torch.tensor([.4293, .5707]), atol=1e-4, rtol=0)
+
+
+def test_aux_free_bias_update_by_hand():
+    router = build_router(router_config(router='aux_free', n_exp=3, aux_free_update_rate=0.5))
+    # counts (6, 2, 4): mean 4, sign(mean - load) = (-1, +1, 0)
+    router.update_after_step(torch.tensor([6, 2, 4]))
+    assert router.expert_bias.tolist() == [-0.5, 0.5, 0.0]
+    assert 'expert_bias' in router.state_dict()  # checkpointed with the model
+    assert not router.expert_bias.requires_grad
+
+
+def test_aux_free_bias_updates_drive_max_vio_down():
+    torch.manual_seed(7)
+    router = build_router(router_config(router='aux_free', n_exp=8, aux_free_update_rate=0.02)).eval()
+    with torch.no_grad():
+        router.gate.weight[0] += 0.5  # skew: expert 0 scores high on inputs with a positive mean
+    h = torch.randn(256, 8) + 1.0
+
+    @torch.no_grad()
+    def load():
+        return torch.bincount(router(h).expert_idx, minlength=8).float()
+
+    def max_vio(counts):  # Loss-Free Balancing's MaxVio
+        return ((counts.max() - counts.mean()) / counts.mean()).item()
+
+    first = max_vio(load())
+    for _ in range(40):
+        router.update_after_step(load())
+    assert first > 2.0 and max_vio(load()) < 0.25 * first
+
+
+def test_aux_free_has_no_switch_loss_and_a_sequence_loss():
+    router = build_router(router_config(router='aux_free', z_loss_coef=0.0, aux_free_seq_loss_coef=1.0))
+    r = router(torch.randn(12, 8), seq_len=4)
+    assert set(r.losses) == {'seq_aux'}
+
+
+# -----------------------------------------------------------------------------
+# hash
+
+
+def test_hash_routes_by_token_id_only():
+    config = router_config(router='hash', n_exp=4)
+    assert config.top_k == 1
+    router = build_router(config)
+    assert list(router.parameters()) == []
+    router.expert_of_token[:4] = torch.tensor([2, 0, 3, 1])  # set the map by hand
+    ids = torch.tensor([0, 1, 0, 3, 2])
+    r = router(torch.randn(5, 8), ids)
+    assert r.expert_idx.tolist() == [2, 0, 2, 1, 3]  # token 0 -> expert 2 wherever it appears
+    assert r.weight.tolist() == [1.0] * 5
+    assert r.logits[0].tolist() == [-1e4, -1e4, 0.0, -1e4]  # one-hot scores, for the metrics
+    # another h, same ids: the same routing
+    assert torch.equal(router(torch.randn(5, 8), ids).expert_idx, r.expert_idx)
+
+
+def test_hash_map_is_fixed_by_its_seed():
+    a = build_router(router_config(router='hash', hash_seed=1)).expert_of_token
+    b = build_router(router_config(router='hash', hash_seed=1)).expert_of_token
+    c = build_router(router_config(router='hash', hash_seed=2)).expert_of_token
+    assert a.shape == (50,) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+# -----------------------------------------------------------------------------
+# config: what the routers fix, fill in and refuse
+
+
+def test_ortho_var_preset_turns_both_losses_on():
+    config = router_config(router='ortho_var')
+    assert config.ortho_loss_coef > 0 and config.var_loss_coef > 0
+    assert router_config().ortho_loss_coef == 0.0 and router_config().var_loss_coef == 0.0
+    assert router_config(router='ortho_var', ortho_loss_coef=0.0).ortho_loss_coef == 0.0
+    r = build_router(config)(torch.randn(6, 8))
+    assert r.losses['var'].item() < 0  # maximised variance: a negative loss
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(router='switch'), 'top_k=1'),
+    (dict(router='hash'), 'top_k=1'),
+    (dict(router='expert_choice'), 'exactly top_k'),
+    (dict(capacity_factor=1.25), 'dropless'),
+])
+def test_ortho_loss_refuses_routers_without_fixed_k_pairs(bad, message):
+    with pytest.raises(ValueError, match=message):
+        router_config(ortho_loss_coef=0.1, **bad)
 
 
 def test_unknown_router_lists_the_names():

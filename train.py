@@ -31,7 +31,7 @@ from tqdm import tqdm
 from configurator import ConfigError, apply_overrides
 from metrics import RoutingStats, format_routing_table
 from model import GPT, GPTConfig
-from routers import Router
+from routers import ROUTERS, Router
 
 
 def fail(message):
@@ -246,7 +246,9 @@ if master_process:
         open(metrics_path, 'w').close()  # a new run starts a new log
     print(f"tokens per iteration: {tokens_per_iter:,}  device: {device}  dtype: {dtype}")
     print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, {model.get_num_active_params() / 1e6:.2f}M active per token")
-    print(f"router: {gptconf.router}, {gptconf.n_exp} experts, top-{gptconf.top_k}, "
+    # expert choice has no top-k: each expert takes capacity_factor * N / E tokens
+    per_token = f"top-{gptconf.top_k}" if ROUTERS[gptconf.router].token_choice else f"capacity factor {gptconf.capacity_factor}"
+    print(f"router: {gptconf.router}, {gptconf.n_exp} experts, {per_token}, "
           f"MoE layers {[i for i, _ in model.moe_layers()]}")
 
 raw_model = model
@@ -258,6 +260,10 @@ if ddp:
 # routers with state that is not learned by gradient (DeepSeek-V3's bias) update after each step
 stateful_routers = [(layer, moe.router) for layer, moe in raw_model.moe_layers()
                     if type(moe.router).update_after_step is not Router.update_after_step]
+
+
+# the routers' gate weights, for the GatePro metrics of the evaluation (metrics.py)
+gate_weights = {layer: moe.router.gate.weight for layer, moe in raw_model.moe_layers() if moe.router.gate is not None}
 
 
 def router_loss_total(routings):
@@ -279,7 +285,7 @@ def estimate_loss():
             with ctx:
                 _, loss, routings = model(X, Y)
             losses[k] = (loss - router_loss_total(routings)).item()
-            stats.add(routings)
+            stats.add(routings, gate_weights=gate_weights)
         out[split] = losses.mean().item()
     model.train()
     return out, stats
@@ -315,6 +321,10 @@ while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
+    # routers that change with the step (GatePro's hot-swap window) learn it before every
+    # forward, evaluation included; after a resume this is the restored iter_num
+    for _, moe in raw_model.moe_layers():
+        moe.router.set_iter(iter_num)
 
     if iter_num % eval_interval == 0 and master_process:
         losses, val_stats = estimate_loss()
