@@ -22,8 +22,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from routers import ROUTERS, build_router, capacity_keep_mask, expert_capacity
+from routers import ROUTERS, build_router, capacity_keep_mask, expert_capacity, expert_counts
 
 
 class LayerNorm(nn.Module):
@@ -70,12 +71,59 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
+def mm_per_expert(lhs, rhs, out):
+    """out[e] = lhs[e] @ rhs[e] for sequences of per-expert matrices; out holds views to write into."""
+    for a, b, o in zip(lhs, rhs, out):
+        torch.mm(a, b, out=o)
+
+
+class ExpertLoop(torch.autograd.Function):
+    """gelu(x_e @ w_fc[e]) @ w_proj[e] for each expert's contiguous rows x_e of x: one matmul
+    per expert, in forward and in a backward written out by hand.
+
+    Why not plain autograd over w_fc.unbind(0): its backward makes one [d, h] gradient per
+    expert and then stacks them into [E, d, h], a second copy of every expert weight each
+    step. Here each expert's weight gradient is written straight into its slice of one
+    [E, d, h] tensor, the GELU runs once over all rows, and nothing is concatenated."""
+
+    @staticmethod
+    def forward(ctx, x, w_fc, w_proj, counts):
+        sizes = counts.tolist()  # a host sync: fine on CPU, the reason CUDA runs the grouped GEMM
+        pre = x.new_empty(x.size(0), w_fc.size(2))
+        mm_per_expert(x.split(sizes), w_fc.unbind(0), pre.split(sizes))
+        act = F.gelu(pre)
+        y = x.new_empty(x.size(0), w_proj.size(2))
+        mm_per_expert(act.split(sizes), w_proj.unbind(0), y.split(sizes))
+        ctx.save_for_backward(x, w_fc, w_proj, pre, act)
+        ctx.sizes = sizes
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, w_fc, w_proj, pre, act = ctx.saved_tensors
+        rows = lambda t: t.split(ctx.sizes)  # each expert's block of rows
+        rows_t = lambda t: t.t().split(ctx.sizes, 1)  # the same blocks, transposed (views)
+        grad_y = grad_y.contiguous()
+        grad_w_proj, grad_act = torch.empty_like(w_proj), torch.empty_like(act)
+        mm_per_expert(rows_t(act), rows(grad_y), grad_w_proj.unbind(0))  # act_e^T @ dy_e
+        mm_per_expert(rows(grad_y), w_proj.transpose(1, 2).unbind(0), rows(grad_act))  # dy_e @ w_proj[e]^T
+        grad_pre = torch.ops.aten.gelu_backward(grad_act, pre)
+        grad_w_fc, grad_x = torch.empty_like(w_fc), torch.empty_like(x)
+        mm_per_expert(rows_t(x), rows(grad_pre), grad_w_fc.unbind(0))  # x_e^T @ dpre_e
+        mm_per_expert(rows(grad_pre), w_fc.transpose(1, 2).unbind(0), rows(grad_x))  # dpre_e @ w_fc[e]^T
+        return grad_x, grad_w_fc, grad_w_proj, None  # an expert with no rows gets a zero gradient
+
+
 class Experts(nn.Module):
     """E feed-forward experts (d -> h -> d, GELU, no bias) with their weights stacked,
     w_fc [E, d, h] and w_proj [E, h, d], so one grouped GEMM can run them all.
 
     Input: the tokens already sorted by expert, x [P, d], and counts [E] (how many rows
-    belong to each expert). Output: [P, d], row for row."""
+    belong to each expert). Output: [P, d], row for row.
+
+    One matmul per expert (ExpertLoop). It reads counts on the host, so on CUDA it waits
+    for the GPU once per layer."""
 
     def __init__(self, config):
         super().__init__()
@@ -85,13 +133,7 @@ class Experts(nn.Module):
         self.w_proj = nn.Parameter(torch.randn(E, h, d) * 0.02)
 
     def forward(self, x, counts):
-        # unbind(0) gives views whose gradients autograd stacks once; indexing w[e] in the
-        # loop would allocate a full [E, d, h] gradient per expert (O(E^2) at E=64).
-        outs = []
-        groups = x.split(counts.tolist())
-        for x_e, w_fc, w_proj in zip(groups, self.w_fc.unbind(0), self.w_proj.unbind(0)):
-            outs.append(F.gelu(x_e @ w_fc) @ w_proj)
-        return torch.cat(outs)
+        return ExpertLoop.apply(x, self.w_fc, self.w_proj, counts)
 
 
 class MoE(nn.Module):
@@ -129,7 +171,7 @@ class MoE(nn.Module):
         # dispatch: sort the pairs by expert so each expert reads one contiguous block
         order = torch.argsort(routing.expert_idx, stable=True)
         token_sorted = routing.token_idx[order]
-        counts = torch.bincount(routing.expert_idx, minlength=self.n_exp)
+        counts = expert_counts(routing.expert_idx, self.n_exp)
         expert_out = self.experts(h[token_sorted], counts)
 
         # combine: y[token] += weight * expert(token)
