@@ -90,6 +90,13 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
+# torch's grouped GEMM: one kernel runs every expert on its own rows (CUDA, bf16, sm80+).
+# Public as F.grouped_mm in recent torch, private torch._grouped_mm before; absent in old versions.
+grouped_mm = getattr(F, 'grouped_mm', None) or getattr(torch, '_grouped_mm', None)
+GROUP_ALIGN = 8  # rows: 16 bytes of bf16. The weight gradient contracts over each group's rows,
+                 # so every group must start on a 16-byte boundary (torchtitan pads to 8 for bf16)
+
+
 def mm_per_expert(lhs, rhs, out):
     """out[e] = lhs[e] @ rhs[e] for sequences of per-expert matrices; out holds views to write into."""
     for a, b, o in zip(lhs, rhs, out):
@@ -141,8 +148,13 @@ class Experts(nn.Module):
     Input: the tokens already sorted by expert, x [P, d], and counts [E] (how many rows
     belong to each expert). Output: [P, d], row for row.
 
-    One matmul per expert (ExpertLoop). It reads counts on the host, so on CUDA it waits
-    for the GPU once per layer."""
+    Two implementations, same result (test_model.py checks it):
+      loop:    one matmul per expert (ExpertLoop), any device and dtype. Reads counts on
+               the host, so on CUDA it waits for the GPU once per layer.
+      grouped: one grouped GEMM for all experts (torch's grouped_mm), in bf16, no host sync.
+    'auto' picks grouped on a CUDA GPU of compute capability 8.0 or more when the experts
+    run in bf16, torch has grouped_mm and n_embd and expert_hidden are multiples of 8 (the
+    kernel wants 16-byte rows); loop everywhere else."""
 
     def __init__(self, config):
         super().__init__()
@@ -150,9 +162,47 @@ class Experts(nn.Module):
         # GPT-2 init, like every Linear here (GPT rescales w_proj with the residual projections)
         self.w_fc = nn.Parameter(torch.randn(E, d, h) * 0.02)
         self.w_proj = nn.Parameter(torch.randn(E, h, d) * 0.02)
+        self.impl = config.expert_impl
+
+    def resolve_impl(self, x):
+        if self.impl != 'auto':
+            return self.impl
+        bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(x.device.type)
+                                             and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)
+        sm80 = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        aligned = self.w_fc.size(1) % 8 == 0 and self.w_fc.size(2) % 8 == 0  # rows of 16 bytes in bf16
+        return 'grouped' if grouped_mm is not None and bf16 and sm80 and aligned else 'loop'
 
     def forward(self, x, counts):
-        return ExpertLoop.apply(x, self.w_fc, self.w_proj, counts)
+        if self.resolve_impl(x) == 'grouped':
+            return self.forward_grouped(x, counts)
+        w_fc, w_proj = self.w_fc, self.w_proj
+        if torch.is_autocast_enabled(x.device.type):
+            # ExpertLoop's matmuls write into preallocated outputs, which autocast skips: cast here
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w_fc, w_proj = x.to(dtype), w_fc.to(dtype), w_proj.to(dtype)
+        return ExpertLoop.apply(x, w_fc, w_proj, counts)
+
+    def forward_grouped(self, x, counts):
+        if grouped_mm is None:
+            raise RuntimeError(f"expert_impl='grouped' needs torch.nn.functional.grouped_mm "
+                               f"(torch {torch.__version__} has none); use expert_impl='loop'")
+        E, P = counts.numel(), x.size(0)
+        # pad every group to a multiple of GROUP_ALIGN rows, all on the device (no host sync):
+        # row r of expert e moves from start[e] + i to padded_start[e] + i; padding rows are zero
+        padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+        padded_end = torch.cumsum(padded, 0)
+        shift = (padded_end - padded) - (torch.cumsum(counts, 0) - counts)  # padded_start - start
+        expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=P)
+        dest = torch.arange(P, device=x.device) + shift[expert_of_row]
+        x_pad = x.new_zeros(P + E * GROUP_ALIGN, x.size(1), dtype=torch.bfloat16).index_copy(0, dest, x.bfloat16())
+        offs = padded_end.to(torch.int32)
+        act = F.gelu(grouped_mm(x_pad, self.w_fc.bfloat16(), offs=offs))
+        y = grouped_mm(act, self.w_proj.bfloat16(), offs=offs)
+        if y.requires_grad:
+            # the grouped GEMM's backward rejects a broadcast gradient (e.g. from y.sum())
+            y.register_hook(lambda grad: grad.contiguous())
+        return y[dest]
 
 
 class MoE(nn.Module):
@@ -243,6 +293,8 @@ class GPTConfig:
     renormalize: bool = True  # top-k weights divided by their sum (Mixtral) or not (OLMoE)
     aux_loss_coef: float = 0.01  # Switch balance loss, Fedus et al. 2021 sec. 2.2
     z_loss_coef: float = 0.001  # router z-loss, Zoph et al. 2022 (ST-MoE) sec. 3.1
+    # performance
+    expert_impl: str = 'auto'  # 'loop' (a matmul per expert), 'grouped' (one bf16 grouped GEMM), 'auto' = grouped on CUDA under bf16, else loop
 
     def __post_init__(self):
         # every problem here is a user's setting: say which, and what would work
@@ -250,6 +302,8 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.moe_every < 1:
             raise ValueError(f"moe_every={self.moe_every} must be >= 1")
+        if self.expert_impl not in ('auto', 'loop', 'grouped'):
+            raise ValueError(f"expert_impl={self.expert_impl!r} must be 'auto', 'loop' or 'grouped'")
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; available: {', '.join(sorted(ROUTERS))}")
         if self.n_exp > 1:
