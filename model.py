@@ -28,24 +28,6 @@ from torch.autograd.function import once_differentiable
 from routers import ROUTERS, build_router, capacity_keep_mask, expert_capacity, expert_counts
 
 
-def keep_freed_memory_on_cpu():
-    """Make glibc keep large freed blocks for reuse instead of returning them to the OS.
-
-    By default glibc hands every block of 32 MiB or more back to the OS when it is freed,
-    so the next allocation of that size page-faults in fresh zeroed memory: ~26 ms for
-    32 MiB here, against ~1 ms to reuse a block. The stacked expert weights at E=64
-    ([64, 256, 512] fp32) are exactly 32 MiB, so every step's eight expert gradients paid
-    this: 140-220 ms of a ~1 s forward+backward with bench.py's shapes on one thread.
-    Process-wide, Linux/glibc only (a no-op elsewhere); train.py and bench.py call it for
-    CPU runs. Freed memory then stays in the process for reuse."""
-    try:
-        libc = ctypes.CDLL('libc.so.6')
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
-
-
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias (torch's LayerNorm cannot drop only the bias)."""
 
@@ -288,13 +270,12 @@ class GPTConfig:
     n_shared_exp: int = 0  # always-on shared experts (DeepSeekMoE)
     capacity_factor: Optional[float] = None  # None = dropless; else assignments past capacity are dropped
     eval_capacity_factor: Optional[float] = None  # None = same as capacity_factor
+    expert_impl: str = 'auto'  # 'loop' (a matmul per expert), 'grouped' (one bf16 grouped GEMM); 'auto': see Experts
     # router (routers.py)
     router: str = 'topk'
     renormalize: bool = True  # top-k weights divided by their sum (Mixtral) or not (OLMoE)
     aux_loss_coef: float = 0.01  # Switch balance loss, Fedus et al. 2021 sec. 2.2
     z_loss_coef: float = 0.001  # router z-loss, Zoph et al. 2022 (ST-MoE) sec. 3.1
-    # performance
-    expert_impl: str = 'auto'  # 'loop' (a matmul per expert), 'grouped' (one bf16 grouped GEMM), 'auto' = grouped on CUDA under bf16, else loop
 
     def __post_init__(self):
         # every problem here is a user's setting: say which, and what would work
@@ -464,3 +445,21 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return (idx, experts) if return_experts else idx
+
+
+def keep_freed_memory_on_cpu():
+    """Make glibc keep large freed blocks for reuse instead of returning them to the OS.
+
+    By default glibc hands every block of 32 MiB or more back to the OS when it is freed,
+    so the next allocation of that size page-faults in fresh zeroed memory: ~26 ms for
+    32 MiB here, against ~1 ms to reuse a block. The stacked expert weights at E=64
+    ([64, 256, 512] fp32) are exactly 32 MiB, so every step's eight expert gradients paid
+    this: 140-220 ms of a ~1 s forward+backward with bench.py's shapes on one thread.
+    Process-wide, Linux/glibc only (a no-op elsewhere); train.py and bench.py call it for
+    CPU runs. Freed memory then stays in the process for reuse."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
