@@ -107,17 +107,18 @@ def build(**overrides):
     """A model and its AdamW, from the same seed every time."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**{**shape, **overrides})).to(device)
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.95), device_type)
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.99), device_type)  # train.py's betas
     return model, optimizer
 
 
 def random_batch(batch):
+    """Fixed random tokens: (inputs, targets), each [batch, block_size]."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, vocab_size, (batch, block_size + 1), generator=g)
     return x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)
 
 
-X, Y = random_batch(batch_size)
+fixed_batch = random_batch(batch_size)
 
 
 def now():
@@ -126,9 +127,11 @@ def now():
     return time.perf_counter()
 
 
-def train_step(model, optimizer=None, stats=None):
-    """One step on (X, Y). Returns (seconds of forward+backward, seconds of clip + AdamW +
-    zero_grad). stats: a RoutingStats to fill and summarise, as train.py on a logging step."""
+def train_step(model, optimizer=None, stats=None, tokens=None):
+    """One step on tokens (default: the fixed batch). Returns (seconds of forward+backward,
+    seconds of clip + AdamW + zero_grad). stats: a RoutingStats to fill and summarise, as
+    train.py does on a logging step."""
+    X, Y = tokens or fixed_batch
     t0 = now()
     with ctx:
         _, loss, routings = model(X, Y)
@@ -209,17 +212,16 @@ class PeakMemory(TorchDispatchMode):
 
 def peak_memory(batch):
     """Bytes: the peak that one MoE (n_exp experts) forward+backward at this batch size adds."""
-    global X, Y
     model, _ = build(n_exp=n_exp)
-    X, Y = random_batch(batch)
-    train_step(model)  # warm-up
+    tokens = random_batch(batch)
+    train_step(model, tokens=tokens)  # warm-up
     if device_type == 'cuda':
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        train_step(model)
+        train_step(model, tokens=tokens)
         return torch.cuda.max_memory_allocated() - before
     with PeakMemory() as meter:
-        train_step(model)
+        train_step(model, tokens=tokens)
     return meter.peak
 
 
@@ -356,7 +358,6 @@ del router_models, cases, times
 
 # 3. memory: peak of one MoE fwd+bwd at 1x and 2x the tokens
 mem_1x, mem_2x = peak_memory(batch_size), peak_memory(2 * batch_size)
-X, Y = random_batch(batch_size)
 results.update(peak_mb_1x=mem_1x / 2**20, peak_mb_2x=mem_2x / 2**20, memory_scaling=mem_2x / mem_1x)
 print(f"\npeak memory of one MoE (E={n_exp}) fwd+bwd: {mem_1x / 2**20:.0f} MB at {tokens_per_step} tokens, "
       f"{mem_2x / 2**20:.0f} MB at {2 * tokens_per_step}")
