@@ -8,7 +8,8 @@ $ python bench.py --device=cuda        # bf16 autocast, grouped GEMM experts
 $ python bench.py --profile=True       # where the time of one step goes, by component
 
 Models compared are timed interleaved (A, B, C, A, B, C, ... with the order rotated each
-round, `steps` timed steps each after `warmup`), on fixed random tokens, and every ratio
+round, `steps` timed steps each after `warmup`; `router_steps` for the per-router table,
+which has a row per router), on fixed random tokens, and every ratio
 is a ratio of medians, so load from other processes hits all of them alike. Each timed
 step is a training step as in train.py: forward+backward, then gradient clipping and
 AdamW. The two parts are timed separately:
@@ -45,9 +46,10 @@ from routers import ROUTERS
 # -----------------------------------------------------------------------------
 device = 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
 dtype = 'auto'  # 'auto' = float32 on CPU, bfloat16 autocast on CUDA; or 'float32', 'bfloat16'
-steps = 10  # timed steps per model, interleaved
+steps = 20  # timed steps per model, interleaved (dense, moe, moe64)
+router_steps = 10  # timed steps per router in the per-router table
 warmup = 2  # untimed steps per model first
-quick = False  # True: 5 timed steps, 1 warm-up, for a smoke run
+quick = False  # True: at most 5 timed steps, 1 warm-up, for a smoke run
 threads = 1  # CPU threads for torch; 0 = torch's default (all cores). One by default: on a shared
              # machine a second OpenMP thread stalls at every op's barrier whenever another process
              # holds its core, which costs a model in proportion to its op count, not its work
@@ -77,8 +79,8 @@ except ConfigError as e:
     sys.exit(2)
 globals().update(overrides)
 if quick:
-    steps, warmup = min(steps, 5), min(warmup, 1)
-for key in ('steps', 'batch_size', 'block_size'):
+    steps, router_steps, warmup = min(steps, 5), min(router_steps, 5), min(warmup, 1)
+for key in ('steps', 'router_steps', 'batch_size', 'block_size'):
     if globals()[key] < 1:
         print(f"error: {key}={globals()[key]} must be >= 1", file=sys.stderr)
         sys.exit(2)
@@ -150,15 +152,15 @@ def train_step(model, optimizer=None, stats=None, tokens=None):
     return t1 - t0, t2 - t1
 
 
-def interleaved(cases):
+def interleaved(cases, rounds):
     """cases: {name: function returning (fwd+bwd seconds, optimizer seconds)}. Runs warmup
-    steps of each, then `steps` rounds of one step each, rotating who goes first."""
+    steps of each, then `rounds` rounds of one step each, rotating who goes first."""
     for run in cases.values():
         for _ in range(warmup):
             run()
     names = list(cases)
     times = {name: [] for name in names}
-    for i in range(steps):
+    for i in range(rounds):
         for name in names[i % len(names):] + names[:i % len(names)]:
             times[name].append(cases[name]())
     return times
@@ -276,13 +278,14 @@ def component_times(prof):
 
 
 if profile:
-    n_profiled = 2 if quick else 3
-    columns = {}
+    n_profiled = 2 if quick else 5
+    columns, unprofiled = {}, {}
     for name, exps in (('dense', 1), (f'moe E={n_exp}', n_exp), (f'moe E={n_exp_large}', n_exp_large)):
         model, optimizer = build(n_exp=exps)
         label_components(model)
         for _ in range(warmup):
             train_step(model, optimizer)
+        unprofiled[name] = statistics.median(sum(train_step(model, optimizer)) for _ in range(n_profiled))
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(n_profiled):
                 train_step(model, optimizer)
@@ -299,16 +302,18 @@ if profile:
             row += f"{ms:>12.0f} ms {100 * ms / total:5.1f}%"
         print(f"{component:<18}{row}")
     print(f"{'total':<18}" + ''.join(f"{sum(t.values()):>12.0f} ms {100:5.1f}%" for t in columns.values()))
-    print("other = embeddings, layer norms, residual adds, lm_head, cross-entropy, gradient accumulation; "
-          "profiler overhead inflates components made of many small ops")
+    print(f"{'step, unprofiled':<18}" + ''.join(f"{1000 * t:>12.0f} ms       " for t in unprofiled.values()))
+    print("expert GEMMs includes the GELU between them; dispatch/combine = sort, gather, weighting, index_add; "
+          "other = embeddings, layer norms, residual adds, lm_head, cross-entropy, gradient accumulation. "
+          "The profiler's cost per op inflates components made of many small ops (expert GEMMs at E=64)")
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
 # 1. MoE vs dense, forward+backward and full step
 print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} tokens/step={tokens_per_step} "
-      f"steps={steps} warmup={warmup} expert_impl={expert_impl}")
+      f"steps={steps} router_steps={router_steps} warmup={warmup} expert_impl={expert_impl}")
 models = {'dense': build(n_exp=1), 'moe': build(n_exp=n_exp), 'moe64': build(n_exp=n_exp_large)}
-times = interleaved({name: (lambda m=m, o=o: train_step(m, o)) for name, (m, o) in models.items()})
+times = interleaved({name: (lambda m=m, o=o: train_step(m, o)) for name, (m, o) in models.items()}, steps)
 labels = {'dense': 'dense', 'moe': f'moe E={n_exp}', 'moe64': f'moe E={n_exp_large}'}
 print(f"\n{'model':<12} {'fwd+bwd ms':>10} {'tok/s':>8} {'vs dense':>8} {'(p25-p75)':>13} | {'full ms':>8} "
       f"{'tok/s':>8} {'vs dense':>8} {'optimizer':>9}")
@@ -341,7 +346,7 @@ for name in ROUTERS:
         continue
     cases[name] = lambda m=router_models[name]: train_step(m)
 cases['topk+metrics'] = lambda m=router_models['topk']: train_step(m, stats=RoutingStats())
-times = interleaved(cases)
+times = interleaved(cases, router_steps)
 print(f"\n{'router':<14} {'fwd+bwd ms':>10} {'tok/s':>8} {'vs topk':>8}")
 for name in cases:
     fb = median_time(times[name])
@@ -375,4 +380,4 @@ for key in ('moe_vs_dense', 'moe64_vs_dense', 'moe_vs_dense_full', 'moe64_vs_den
     print(f"{key:<22} {shown:>7}  {op} {target if target is not None else ''} {met}")
 rounded = lambda v: round(v, 4) if isinstance(v, float) else {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) else v
 print(json.dumps({'device': device, 'dtype': dtype, 'threads': torch.get_num_threads(), 'steps': steps,
-                  **rounded(results)}))
+                  'router_steps': router_steps, **rounded(results)}))
