@@ -286,10 +286,13 @@ if profile:
         for _ in range(warmup):
             train_step(model, optimizer)
         unprofiled[name] = statistics.median(sum(train_step(model, optimizer)) for _ in range(n_profiled))
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(n_profiled):
+        totals = {}
+        for _ in range(n_profiled):  # one profiler session per step: longer sessions slowed E=64 steps by 40%
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 train_step(model, optimizer)
-        columns[name] = {k: v / n_profiled / 1000 for k, v in component_times(prof).items()}  # ms per step
+            for component, us in component_times(prof).items():
+                totals[component] = totals.get(component, 0) + us
+        columns[name] = {k: v / n_profiled / 1000 for k, v in totals.items()}  # ms per step
         del model, optimizer
     components = ['attention', 'dense MLP', 'expert GEMMs', 'dispatch/combine', 'router', 'optimizer', 'other']
     print(f"profile of one training step (self CPU time per component, ms and % of the step; "
