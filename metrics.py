@@ -10,7 +10,7 @@ evaluation batches) with tensor ops only; summary() turns the totals into Python
 import torch
 import torch.nn.functional as F
 
-from routers import gatepro_partners
+from routers import expert_counts, gatepro_partners
 
 
 def load_metrics(counts):
@@ -78,7 +78,7 @@ class RoutingStats:
             n_exp = routing.logits.size(-1)
             totals = self.layers.setdefault(layer, {'counts': 0, 'n_requested': 0, 'n_pairs': 0,
                                                     'entropy_sum': 0.0, 'variance_sum': 0.0, 'n_tokens': 0})
-            totals['counts'] = totals['counts'] + torch.bincount(routing.expert_idx, minlength=n_exp)
+            totals['counts'] = totals['counts'] + expert_counts(routing.expert_idx, n_exp)
             totals['n_requested'] += routing.n_requested
             totals['n_pairs'] += routing.n_pairs
             if full:

@@ -14,6 +14,7 @@ References:
 4) DeepSeekMoE, arXiv 2401.06066 (shared experts)
 """
 
+import ctypes
 import inspect
 import math
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
-from routers import ROUTERS, build_router, capacity_keep_mask, expert_capacity, ortho_loss
+from routers import ROUTERS, build_router, capacity_keep_mask, expert_capacity, expert_counts, ortho_loss
 
 
 class LayerNorm(nn.Module):
@@ -70,12 +72,71 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
+# torch's grouped GEMM: one kernel runs every expert on its own rows (CUDA, bf16, sm80+).
+# Public as F.grouped_mm in recent torch, private torch._grouped_mm before; absent in old versions.
+grouped_mm = getattr(F, 'grouped_mm', None) or getattr(torch, '_grouped_mm', None)
+GROUP_ALIGN = 8  # rows: 16 bytes of bf16. The weight gradient contracts over each group's rows,
+                 # so every group must start on a 16-byte boundary (torchtitan pads to 8 for bf16)
+
+
+def mm_per_expert(lhs, rhs, out):
+    """out[e] = lhs[e] @ rhs[e] for sequences of per-expert matrices; out holds views to write into."""
+    for a, b, o in zip(lhs, rhs, out):
+        torch.mm(a, b, out=o)
+
+
+class ExpertLoop(torch.autograd.Function):
+    """gelu(x_e @ w_fc[e]) @ w_proj[e] for each expert's contiguous rows x_e of x: one matmul
+    per expert, in forward and in a backward written out by hand.
+
+    Why not plain autograd over w_fc.unbind(0): its backward makes one [d, h] gradient per
+    expert and then stacks them into [E, d, h], a second copy of every expert weight each
+    step. Here each expert's weight gradient is written straight into its slice of one
+    [E, d, h] tensor, the GELU runs once over all rows, and nothing is concatenated."""
+
+    @staticmethod
+    def forward(ctx, x, w_fc, w_proj, counts):
+        sizes = counts.tolist()  # a host sync: fine on CPU, the reason CUDA runs the grouped GEMM
+        pre = x.new_empty(x.size(0), w_fc.size(2))
+        mm_per_expert(x.split(sizes), w_fc.unbind(0), pre.split(sizes))
+        act = F.gelu(pre)
+        y = x.new_empty(x.size(0), w_proj.size(2))
+        mm_per_expert(act.split(sizes), w_proj.unbind(0), y.split(sizes))
+        ctx.save_for_backward(x, w_fc, w_proj, pre, act)
+        ctx.sizes = sizes
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, w_fc, w_proj, pre, act = ctx.saved_tensors
+        rows = lambda t: t.split(ctx.sizes)  # each expert's block of rows
+        rows_t = lambda t: t.t().split(ctx.sizes, 1)  # the same blocks, transposed (views)
+        grad_y = grad_y.contiguous()
+        grad_w_proj, grad_act = torch.empty_like(w_proj), torch.empty_like(act)
+        mm_per_expert(rows_t(act), rows(grad_y), grad_w_proj.unbind(0))  # act_e^T @ dy_e
+        mm_per_expert(rows(grad_y), w_proj.transpose(1, 2).unbind(0), rows(grad_act))  # dy_e @ w_proj[e]^T
+        grad_pre = torch.ops.aten.gelu_backward(grad_act, pre)
+        grad_w_fc, grad_x = torch.empty_like(w_fc), torch.empty_like(x)
+        mm_per_expert(rows_t(x), rows(grad_pre), grad_w_fc.unbind(0))  # x_e^T @ dpre_e
+        mm_per_expert(rows(grad_pre), w_fc.transpose(1, 2).unbind(0), rows(grad_x))  # dpre_e @ w_fc[e]^T
+        return grad_x, grad_w_fc, grad_w_proj, None  # an expert with no rows gets a zero gradient
+
+
 class Experts(nn.Module):
     """E feed-forward experts (d -> h -> d, GELU, no bias) with their weights stacked,
     w_fc [E, d, h] and w_proj [E, h, d], so one grouped GEMM can run them all.
 
     Input: the tokens already sorted by expert, x [P, d], and counts [E] (how many rows
-    belong to each expert). Output: [P, d], row for row."""
+    belong to each expert). Output: [P, d], row for row.
+
+    Two implementations, same result (test_model.py checks it):
+      loop:    one matmul per expert (ExpertLoop), any device and dtype. Reads counts on
+               the host, so on CUDA it waits for the GPU once per layer.
+      grouped: one grouped GEMM for all experts (torch's grouped_mm), in bf16, no host sync.
+    'auto' picks grouped on a CUDA GPU of compute capability 8.0 or more when the experts
+    run in bf16, torch has grouped_mm and n_embd and expert_hidden are multiples of 8 (the
+    kernel wants 16-byte rows); loop everywhere else."""
 
     def __init__(self, config):
         super().__init__()
@@ -83,15 +144,47 @@ class Experts(nn.Module):
         # GPT-2 init, like every Linear here (GPT rescales w_proj with the residual projections)
         self.w_fc = nn.Parameter(torch.randn(E, d, h) * 0.02)
         self.w_proj = nn.Parameter(torch.randn(E, h, d) * 0.02)
+        self.impl = config.expert_impl
+
+    def resolve_impl(self, x):
+        if self.impl != 'auto':
+            return self.impl
+        bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(x.device.type)
+                                             and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)
+        sm80 = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        aligned = self.w_fc.size(1) % 8 == 0 and self.w_fc.size(2) % 8 == 0  # rows of 16 bytes in bf16
+        return 'grouped' if grouped_mm is not None and bf16 and sm80 and aligned else 'loop'
 
     def forward(self, x, counts):
-        # unbind(0) gives views whose gradients autograd stacks once; indexing w[e] in the
-        # loop would allocate a full [E, d, h] gradient per expert (O(E^2) at E=64).
-        outs = []
-        groups = x.split(counts.tolist())
-        for x_e, w_fc, w_proj in zip(groups, self.w_fc.unbind(0), self.w_proj.unbind(0)):
-            outs.append(F.gelu(x_e @ w_fc) @ w_proj)
-        return torch.cat(outs)
+        if self.resolve_impl(x) == 'grouped':
+            return self.forward_grouped(x, counts)
+        w_fc, w_proj = self.w_fc, self.w_proj
+        if torch.is_autocast_enabled(x.device.type):
+            # ExpertLoop's matmuls write into preallocated outputs, which autocast skips: cast here
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w_fc, w_proj = x.to(dtype), w_fc.to(dtype), w_proj.to(dtype)
+        return ExpertLoop.apply(x, w_fc, w_proj, counts)
+
+    def forward_grouped(self, x, counts):
+        if grouped_mm is None:
+            raise RuntimeError(f"expert_impl='grouped' needs torch.nn.functional.grouped_mm "
+                               f"(torch {torch.__version__} has none); use expert_impl='loop'")
+        E, P = counts.numel(), x.size(0)
+        # pad every group to a multiple of GROUP_ALIGN rows, all on the device (no host sync):
+        # row r of expert e moves from start[e] + i to padded_start[e] + i; padding rows are zero
+        padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
+        padded_end = torch.cumsum(padded, 0)
+        shift = (padded_end - padded) - (torch.cumsum(counts, 0) - counts)  # padded_start - start
+        expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=P)
+        dest = torch.arange(P, device=x.device) + shift[expert_of_row]
+        x_pad = x.new_zeros(P + E * GROUP_ALIGN, x.size(1), dtype=torch.bfloat16).index_copy(0, dest, x.bfloat16())
+        offs = padded_end.to(torch.int32)
+        act = F.gelu(grouped_mm(x_pad, self.w_fc.bfloat16(), offs=offs))
+        y = grouped_mm(act, self.w_proj.bfloat16(), offs=offs)
+        if y.requires_grad:
+            # the grouped GEMM's backward rejects a broadcast gradient (e.g. from y.sum())
+            y.register_hook(lambda grad: grad.contiguous())
+        return y[dest]
 
 
 class MoE(nn.Module):
@@ -131,7 +224,7 @@ class MoE(nn.Module):
         # dispatch: sort the pairs by expert so each expert reads one contiguous block
         order = torch.argsort(routing.expert_idx, stable=True)
         token_sorted = routing.token_idx[order]
-        counts = torch.bincount(routing.expert_idx, minlength=self.n_exp)
+        counts = expert_counts(routing.expert_idx, self.n_exp)
         expert_out = self.experts(h[token_sorted], counts)
         if self.ortho_loss_coef > 0:
             routing.losses['ortho'] = self.ortho_loss_coef * self.selected_experts_ortho_loss(expert_out, order, B * T)
@@ -189,6 +282,7 @@ class GPTConfig:
     n_shared_exp: int = 0  # always-on shared experts (DeepSeekMoE)
     capacity_factor: Optional[float] = None  # None = dropless; else assignments past capacity are dropped
     eval_capacity_factor: Optional[float] = None  # None = same as capacity_factor
+    expert_impl: str = 'auto'  # 'loop' (a matmul per expert), 'grouped' (one bf16 grouped GEMM); 'auto': see Experts
     # router (routers.py)
     # (a router may fix some of these, e.g. switch and hash are top-1, and fill in the None
     # ones with its paper's defaults: see fixed_config / default_config in routers.py)
@@ -219,6 +313,8 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.moe_every < 1:
             raise ValueError(f"moe_every={self.moe_every} must be >= 1")
+        if self.expert_impl not in ('auto', 'loop', 'grouped'):
+            raise ValueError(f"expert_impl={self.expert_impl!r} must be 'auto', 'loop' or 'grouped'")
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; available: {', '.join(sorted(ROUTERS))}")
         # what the router cannot do without (switch, hash: top_k=1), then its paper's defaults
@@ -360,9 +456,14 @@ class GPT(nn.Module):
             {'params': decay_params, 'weight_decay': weight_decay},
             {'params': nodecay_params, 'weight_decay': 0.0},
         ]
-        use_fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        extra_args = dict(fused=True) if use_fused else dict()
-        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, **extra_args)
+        # fused AdamW: one kernel over all parameters instead of a chain of foreach ops that
+        # each write a temporary as large as the parameters (3-6x faster on CPU at E=64)
+        if 'fused' in inspect.signature(torch.optim.AdamW).parameters:
+            try:
+                return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas, fused=True)
+            except RuntimeError:
+                pass  # this torch has no fused AdamW for this device
+        return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         """Model FLOPs utilisation against peak_flops (default: A100 bf16, 312 TFLOPS).
@@ -396,3 +497,21 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return (idx, experts) if return_experts else idx
+
+
+def keep_freed_memory_on_cpu():
+    """Make glibc keep large freed blocks for reuse instead of returning them to the OS.
+
+    By default glibc hands every block of 32 MiB or more back to the OS when it is freed,
+    so the next allocation of that size page-faults in fresh zeroed memory: ~26 ms for
+    32 MiB here, against ~1 ms to reuse a block. The stacked expert weights at E=64
+    ([64, 256, 512] fp32) are exactly 32 MiB, so every step's eight expert gradients paid
+    this: 140-220 ms of a ~1 s forward+backward with bench.py's shapes on one thread.
+    Process-wide, Linux/glibc only (a no-op elsewhere); train.py and bench.py call it for
+    CPU runs. Freed memory then stays in the process for reuse."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))

@@ -63,7 +63,7 @@ def switch_aux_loss(probs, expert_idx, n_exp):
     Equals 1 when both are uniform; the gradient flows through P only.
     probs [N, E], expert_idx [P] (the chosen experts, any number per token).
     """
-    counts = torch.bincount(expert_idx, minlength=n_exp).to(probs.dtype)
+    counts = expert_counts(expert_idx, n_exp).to(probs.dtype)
     f = counts / counts.sum().clamp(min=1)
     P = probs.mean(dim=0)
     return n_exp * torch.sum(f * P)
@@ -153,12 +153,19 @@ def capacity_keep_mask(expert_idx, n_exp, capacity):
     in the order the pairs are given. Routers list all first choices before second
     choices, so a token's first choice is dropped last (GShard's priority)."""
     order = torch.argsort(expert_idx, stable=True)
-    counts = torch.bincount(expert_idx, minlength=n_exp)
+    counts = expert_counts(expert_idx, n_exp)
     group_start = torch.cumsum(counts, 0) - counts
     position_sorted = torch.arange(expert_idx.numel(), device=expert_idx.device) - group_start[expert_idx[order]]
     keep = torch.empty_like(expert_idx, dtype=torch.bool)
     keep[order] = position_sorted < capacity
     return keep
+
+
+def expert_counts(expert_idx, n_exp):
+    """[E] long: how many assignments each expert got. Not torch.bincount: on CUDA it reads
+    the largest index back to the host to size its output, a sync on every call."""
+    return torch.zeros(n_exp, dtype=torch.long, device=expert_idx.device).index_add_(
+        0, expert_idx, torch.ones_like(expert_idx))
 
 
 # -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from configurator import ConfigError, apply_overrides
 from metrics import RoutingStats, format_routing_table
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, keep_freed_memory_on_cpu
 from routers import ROUTERS, Router
 
 
@@ -146,6 +146,8 @@ if dtype == 'auto':
         dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
     else:
         dtype = 'float32'
+if device_type == 'cpu':
+    keep_freed_memory_on_cpu()  # else glibc returns big freed blocks to the OS every step (model.py)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 torch.manual_seed(seed + seed_offset)
 if device_type == 'cuda':

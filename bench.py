@@ -1,0 +1,386 @@
+"""
+Throughput and memory of the MoE layer against its dense twin, measured in one process.
+
+$ python bench.py                      # CPU, fp32, one thread, about 2 minutes
+$ python bench.py --threads=0          # all cores (torch's default)
+$ python bench.py --quick=True         # a smoke run: fewer steps, noisier ratios
+$ python bench.py --device=cuda        # bf16 autocast, grouped GEMM experts
+$ python bench.py --profile=True       # where the time of one step goes, by component
+
+Models compared are timed interleaved (A, B, C, A, B, C, ... with the order rotated each
+round, `steps` timed steps each after `warmup`; `router_steps` for the per-router table,
+which has a row per router), on fixed random tokens, and every ratio
+is a ratio of medians, so load from other processes hits all of them alike. Each timed
+step is a training step as in train.py: forward+backward, then gradient clipping and
+AdamW. The two parts are timed separately:
+
+  moe_vs_dense        tokens/s of MoE (n_exp=8) / tokens/s of the dense twin, fwd+bwd  (target >= 0.90)
+  moe64_vs_dense      the same with n_exp_large=64 experts                             (target >= 0.80)
+  *_full              the same two for the full step (fwd+bwd + clip + AdamW)
+  optimizer_share_*   fraction of the full step spent in clip + AdamW + zero_grad
+  gatepro_overhead    step time of the gatepro router / topk, fwd+bwd                  (target <= 1.05)
+  metrics_overhead    topk step time with RoutingStats + summary every step / without  (target <= 1.05)
+  memory_scaling      peak memory of one MoE fwd+bwd at 2x the tokens / at 1x           (target <= 2.1)
+  routers             tokens/s of every router in routers.ROUTERS and its ratio to topk
+
+The dense twin has the same attention; its MLP is d -> 4d -> d, and each of the top_k
+experts a token visits is d -> 4d/top_k -> d: the same active FFN compute per token.
+"""
+
+import json
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from configurator import ConfigError, apply_overrides
+from metrics import RoutingStats
+from model import GPT, GPTConfig, keep_freed_memory_on_cpu
+from routers import ROUTERS
+
+# -----------------------------------------------------------------------------
+device = 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
+dtype = 'auto'  # 'auto' = float32 on CPU, bfloat16 autocast on CUDA; or 'float32', 'bfloat16'
+steps = 20  # timed steps per model, interleaved (dense, moe, moe64)
+router_steps = 10  # timed steps per router in the per-router table
+warmup = 2  # untimed steps per model first
+quick = False  # True: at most 5 timed steps, 1 warm-up, for a smoke run
+threads = 1  # CPU threads for torch; 0 = torch's default (all cores). One by default: on a shared
+             # machine a second OpenMP thread stalls at every op's barrier whenever another process
+             # holds its core, which costs a model in proportion to its op count, not its work
+profile = False  # True: print where one step's time goes (torch.profiler), instead of the ratios
+# shapes (issue 4)
+batch_size = 8
+block_size = 256
+vocab_size = 512
+n_layer = 4
+n_head = 4
+n_embd = 256
+top_k = 2
+n_exp = 8
+n_exp_large = 64
+expert_impl = 'auto'  # 'auto', 'loop' or 'grouped' (model.Experts)
+# training step, as train.py
+learning_rate = 6e-4
+weight_decay = 0.1
+grad_clip = 1.0
+seed = 1337
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+try:
+    overrides, _ = apply_overrides({k: globals()[k] for k in config_keys}, sys.argv[1:])
+except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+globals().update(overrides)
+if quick:
+    steps, router_steps, warmup = min(steps, 5), min(router_steps, 5), min(warmup, 1)
+for key in ('steps', 'router_steps', 'batch_size', 'block_size'):
+    if globals()[key] < 1:
+        print(f"error: {key}={globals()[key]} must be >= 1", file=sys.stderr)
+        sys.exit(2)
+if dtype not in ('auto', 'float32', 'bfloat16'):
+    print(f"error: dtype={dtype!r} must be auto, float32 or bfloat16", file=sys.stderr)
+    sys.exit(2)
+if device.startswith('cuda') and not torch.cuda.is_available():
+    print(f"error: device={device!r} but CUDA is not available; use --device=cpu", file=sys.stderr)
+    sys.exit(2)
+device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+if dtype == 'auto':
+    dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
+ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+if threads > 0 and device_type == 'cpu':
+    torch.set_num_threads(threads)
+if device_type == 'cpu':
+    keep_freed_memory_on_cpu()  # as train.py does; see model.py
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size,
+             top_k=top_k, expert_impl=expert_impl, dropout=0.0)
+tokens_per_step = batch_size * block_size
+
+
+def build(**overrides):
+    """A model and its AdamW, from the same seed every time."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**shape, **overrides})).to(device)
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.99), device_type)  # train.py's betas
+    return model, optimizer
+
+
+def random_batch(batch):
+    """Fixed random tokens: (inputs, targets), each [batch, block_size]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab_size, (batch, block_size + 1), generator=g)
+    return x[:, :-1].contiguous().to(device), x[:, 1:].contiguous().to(device)
+
+
+fixed_batch = random_batch(batch_size)
+
+
+def now():
+    if device_type == 'cuda':
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def train_step(model, optimizer=None, stats=None, tokens=None):
+    """One step on tokens (default: the fixed batch). Returns (seconds of forward+backward,
+    seconds of clip + AdamW + zero_grad). stats: a RoutingStats to fill and summarise, as
+    train.py does on a logging step."""
+    X, Y = tokens or fixed_batch
+    t0 = now()
+    with ctx:
+        _, loss, routings = model(X, Y)
+    loss.backward()
+    if stats is not None:
+        stats.add(routings)
+        stats.summary()
+    t1 = now()
+    with torch.profiler.record_function('## optimizer'):  # a label for --profile=True
+        if optimizer is not None:
+            if grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+        model.zero_grad(set_to_none=True)
+    t2 = now()
+    return t1 - t0, t2 - t1
+
+
+def interleaved(cases, rounds):
+    """cases: {name: function returning (fwd+bwd seconds, optimizer seconds)}. Runs warmup
+    steps of each, then `rounds` rounds of one step each, rotating who goes first."""
+    for run in cases.values():
+        for _ in range(warmup):
+            run()
+    names = list(cases)
+    times = {name: [] for name in names}
+    for i in range(rounds):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(cases[name]())
+    return times
+
+
+def median_time(times, part='fwd_bwd'):
+    pick = {'fwd_bwd': lambda t: t[0], 'optimizer': lambda t: t[1], 'full': lambda t: t[0] + t[1]}[part]
+    return statistics.median(pick(t) for t in times)
+
+
+def speed_ratio(times, name, baseline, part='fwd_bwd'):
+    """tokens/s of name / tokens/s of baseline = median time of baseline / median time of name."""
+    return median_time(times[baseline], part) / median_time(times[name], part)
+
+
+def round_spread(times, name, baseline):
+    """25th and 75th percentiles of the same speed ratio taken round by round (fwd+bwd):
+    how much the ratio moved during this run."""
+    ratios = sorted(b[0] / a[0] for a, b in zip(times[name], times[baseline]))
+    quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
+    return quartiles[0], quartiles[2]
+
+
+# -----------------------------------------------------------------------------
+# memory: the peak of one forward+backward, counting only what the step allocates.
+# CUDA: torch.cuda.max_memory_allocated minus what was allocated before the step.
+# CPU has no allocator statistics, so PeakMemory watches every op the step runs (forward
+# and backward both pass through the dispatcher on this thread): it records each new
+# tensor storage an op returns, drops the ones that have been freed, and keeps the largest
+# total. Not seen: scratch memory a kernel allocates and frees inside one op.
+
+class PeakMemory(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.live = {}  # weak reference to a storage -> its bytes
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for ref in [ref for ref in self.live if ref.expired()]:
+            del self.live[ref]
+        inputs = {StorageWeakRef(t.untyped_storage()) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                ref = StorageWeakRef(t.untyped_storage())
+                if ref not in inputs and ref not in self.live:  # a new storage, not a view or an in-place result
+                    self.live[ref] = t.untyped_storage().nbytes()
+        self.peak = max(self.peak, sum(self.live.values()))
+        return out
+
+
+def peak_memory(batch):
+    """Bytes: the peak that one MoE (n_exp experts) forward+backward at this batch size adds."""
+    model, _ = build(n_exp=n_exp)
+    tokens = random_batch(batch)
+    train_step(model, tokens=tokens)  # warm-up
+    if device_type == 'cuda':
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(model, tokens=tokens)
+        return torch.cuda.max_memory_allocated() - before
+    with PeakMemory() as meter:
+        train_step(model, tokens=tokens)
+    return meter.peak
+
+
+# -----------------------------------------------------------------------------
+# profile: where one step's time goes. Each component's forward runs inside a profiler
+# range; a backward op belongs to the component whose forward op created its autograd
+# node (the profiler records the same sequence number on both).
+
+def label_components(model):
+    def enter(name):
+        def hook(module, args):
+            module._profile_range = torch.autograd.profiler.record_function(name)
+            module._profile_range.__enter__()
+        return hook
+
+    def leave(module, args, output):
+        module._profile_range.__exit__(None, None, None)
+
+    for block in model.transformer.h:
+        parts = {'attention': block.attn}
+        if block.is_moe:
+            parts.update({'dispatch/combine': block.ffn, 'router': block.ffn.router, 'expert GEMMs': block.ffn.experts})
+        else:
+            parts['dense MLP'] = block.ffn
+        for name, module in parts.items():
+            module.register_forward_pre_hook(enter(f'## {name}'))
+            module.register_forward_hook(leave)
+
+
+def component_times(prof):
+    """{component: total self CPU microseconds} from a profile of labelled steps."""
+    events = prof.events()
+    forward_owner = {}  # autograd sequence number -> component
+
+    def owner(event):
+        while event is not None:
+            if event.name.startswith('## '):
+                return event.name[3:]
+            if event.name.startswith('autograd::engine::evaluate_function'):
+                return forward_owner.get(event.sequence_nr, 'other')
+            event = event.cpu_parent
+        return 'other'
+
+    for event in events:
+        if event.sequence_nr >= 0 and not event.name.startswith('autograd::'):
+            forward_owner.setdefault(event.sequence_nr, owner(event))
+    totals = {}
+    for event in events:
+        name = owner(event)
+        totals[name] = totals.get(name, 0) + event.self_cpu_time_total
+    return totals
+
+
+if profile:
+    n_profiled = 2 if quick else 5
+    columns, unprofiled = {}, {}
+    for name, exps in (('dense', 1), (f'moe E={n_exp}', n_exp), (f'moe E={n_exp_large}', n_exp_large)):
+        model, optimizer = build(n_exp=exps)
+        label_components(model)
+        for _ in range(warmup):
+            train_step(model, optimizer)
+        unprofiled[name] = statistics.median(sum(train_step(model, optimizer)) for _ in range(n_profiled))
+        totals = {}
+        for _ in range(n_profiled):  # one profiler session per step: longer sessions slowed E=64 steps by 40%
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                train_step(model, optimizer)
+            for component, us in component_times(prof).items():
+                totals[component] = totals.get(component, 0) + us
+        columns[name] = {k: v / n_profiled / 1000 for k, v in totals.items()}  # ms per step
+        del model, optimizer
+    components = ['attention', 'dense MLP', 'expert GEMMs', 'dispatch/combine', 'router', 'optimizer', 'other']
+    print(f"profile of one training step (self CPU time per component, ms and % of the step; "
+          f"{n_profiled} profiled steps, device={device}, threads={torch.get_num_threads()})")
+    print(f"{'component':<18}" + ''.join(f"{name:>22}" for name in columns))
+    for component in components:
+        row = ''
+        for times in columns.values():
+            ms, total = times.get(component, 0.0), sum(times.values())
+            row += f"{ms:>12.0f} ms {100 * ms / total:5.1f}%"
+        print(f"{component:<18}{row}")
+    print(f"{'total':<18}" + ''.join(f"{sum(t.values()):>12.0f} ms {100:5.1f}%" for t in columns.values()))
+    print(f"{'step, unprofiled':<18}" + ''.join(f"{1000 * t:>12.0f} ms       " for t in unprofiled.values()))
+    print("expert GEMMs includes the GELU between them; dispatch/combine = sort, gather, weighting, index_add; "
+          "other = embeddings, layer norms, residual adds, lm_head, cross-entropy, gradient accumulation. "
+          "The profiler's cost per op inflates components made of many small ops (expert GEMMs at E=64)")
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# 1. MoE vs dense, forward+backward and full step
+print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} tokens/step={tokens_per_step} "
+      f"steps={steps} router_steps={router_steps} warmup={warmup} expert_impl={expert_impl}")
+models = {'dense': build(n_exp=1), 'moe': build(n_exp=n_exp), 'moe64': build(n_exp=n_exp_large)}
+times = interleaved({name: (lambda m=m, o=o: train_step(m, o)) for name, (m, o) in models.items()}, steps)
+labels = {'dense': 'dense', 'moe': f'moe E={n_exp}', 'moe64': f'moe E={n_exp_large}'}
+print(f"\n{'model':<12} {'fwd+bwd ms':>10} {'tok/s':>8} {'vs dense':>8} {'(p25-p75)':>13} | {'full ms':>8} "
+      f"{'tok/s':>8} {'vs dense':>8} {'optimizer':>9}")
+for name in models:
+    fb, full = median_time(times[name]), median_time(times[name], 'full')
+    low, high = round_spread(times, name, 'dense')
+    print(f"{labels[name]:<12} {fb * 1e3:10.1f} {tokens_per_step / fb:8.0f} {speed_ratio(times, name, 'dense'):8.3f} "
+          f"  {low:5.3f}-{high:5.3f} | {full * 1e3:8.1f} {tokens_per_step / full:8.0f} "
+          f"{speed_ratio(times, name, 'dense', 'full'):8.3f} {median_time(times[name], 'optimizer') / full:9.1%}")
+results = {
+    'moe_vs_dense': speed_ratio(times, 'moe', 'dense'),
+    'moe64_vs_dense': speed_ratio(times, 'moe64', 'dense'),
+    'moe_vs_dense_full': speed_ratio(times, 'moe', 'dense', 'full'),
+    'moe64_vs_dense_full': speed_ratio(times, 'moe64', 'dense', 'full'),
+    **{f'optimizer_share_{name}': median_time(times[name], 'optimizer') / median_time(times[name], 'full')
+       for name in models},
+}
+if device_type == 'cuda':
+    for name, (model, _) in models.items():
+        results[f'mfu_{name}'] = model.estimate_mfu(batch_size, median_time(times[name], 'full'))
+del models, times
+
+# 2. every router (fwd+bwd), and topk with routing metrics every step
+cases, router_models = {}, {}
+for name in ROUTERS:
+    try:
+        router_models[name] = build(n_exp=n_exp, router=name)[0]
+    except ValueError as e:  # a router that needs settings this bench does not give it
+        print(f"router {name}: not benchmarked: {e}")
+        continue
+    cases[name] = lambda m=router_models[name]: train_step(m)
+cases['topk+metrics'] = lambda m=router_models['topk']: train_step(m, stats=RoutingStats())
+times = interleaved(cases, router_steps)
+print(f"\n{'router':<14} {'fwd+bwd ms':>10} {'tok/s':>8} {'vs topk':>8}")
+for name in cases:
+    fb = median_time(times[name])
+    print(f"{name:<14} {fb * 1e3:10.1f} {tokens_per_step / fb:8.0f} {speed_ratio(times, name, 'topk'):8.3f}")
+results['routers'] = {name: {'tokens_per_s': tokens_per_step / median_time(times[name]),
+                             'vs_topk': speed_ratio(times, name, 'topk')} for name in router_models}
+results['metrics_overhead'] = median_time(times['topk+metrics']) / median_time(times['topk'])
+if 'gatepro' in times:
+    results['gatepro_overhead'] = median_time(times['gatepro']) / median_time(times['topk'])
+else:
+    results['gatepro_overhead'] = None
+    results['gatepro_note'] = "no 'gatepro' router in routers.ROUTERS on this branch"
+del router_models, cases, times
+
+# 3. memory: peak of one MoE fwd+bwd at 1x and 2x the tokens
+mem_1x, mem_2x = peak_memory(batch_size), peak_memory(2 * batch_size)
+results.update(peak_mb_1x=mem_1x / 2**20, peak_mb_2x=mem_2x / 2**20, memory_scaling=mem_2x / mem_1x)
+print(f"\npeak memory of one MoE (E={n_exp}) fwd+bwd: {mem_1x / 2**20:.0f} MB at {tokens_per_step} tokens, "
+      f"{mem_2x / 2**20:.0f} MB at {2 * tokens_per_step}")
+
+# -----------------------------------------------------------------------------
+targets = {'moe_vs_dense': ('>=', 0.90), 'moe64_vs_dense': ('>=', 0.80), 'gatepro_overhead': ('<=', 1.05),
+           'metrics_overhead': ('<=', 1.05), 'memory_scaling': ('<=', 2.1)}
+print(f"\n{'ratio':<22} {'value':>7}  target")
+for key in ('moe_vs_dense', 'moe64_vs_dense', 'moe_vs_dense_full', 'moe64_vs_dense_full', 'gatepro_overhead',
+            'metrics_overhead', 'memory_scaling'):
+    value = results[key]
+    op, target = targets.get(key, ('', None))
+    met = '' if target is None or value is None else ('met' if (value >= target if op == '>=' else value <= target) else 'MISSED')
+    shown = 'n/a' if value is None else f"{value:.3f}"
+    print(f"{key:<22} {shown:>7}  {op} {target if target is not None else ''} {met}")
+rounded = lambda v: round(v, 4) if isinstance(v, float) else {k: rounded(x) for k, x in v.items()} if isinstance(v, dict) else v
+print(json.dumps({'device': device, 'dtype': dtype, 'threads': torch.get_num_threads(), 'steps': steps,
+                  'router_steps': router_steps, **rounded(results)}))
