@@ -10,7 +10,7 @@ evaluation batches) with tensor ops only; summary() turns the totals into Python
 import torch
 import torch.nn.functional as F
 
-from routers import expert_counts, gatepro_partners
+from routers import expert_counts, gate_similarity, gatepro_partners
 
 
 def load_metrics(counts):
@@ -45,10 +45,10 @@ def gate_cos_sim(gate_weight):
     """Mean |S_ij| over the expert pairs i < j, S the cosine similarity of the rows of the
     router weight W_g [E, d] (GatePro, arXiv 2510.13079, App. C): how alike the experts'
     gate vectors are."""
-    rows = F.normalize(gate_weight.detach().float(), dim=1)
-    n_exp = rows.size(0)
-    i, j = torch.triu_indices(n_exp, n_exp, offset=1, device=rows.device)
-    return (rows @ rows.t())[i, j].abs().mean()
+    similarity = gate_similarity(gate_weight)
+    n_exp = similarity.size(0)
+    i, j = torch.triu_indices(n_exp, n_exp, offset=1, device=similarity.device)
+    return similarity[i, j].abs().mean()
 
 
 def pair_coactivation(token_idx, expert_idx, partner, n_tokens):

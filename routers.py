@@ -112,15 +112,20 @@ def ortho_loss(expert_out, eps=1e-6):
     return (proj_sq * off_diagonal).sum(dim=(1, 2)).mean()
 
 
+def gate_similarity(gate_weight):
+    """S [E, E]: cosine similarity between the rows of the gate weight W_g [E, d], in fp32,
+    without gradient (GatePro, arXiv 2510.13079: S_ij = <w_i, w_j> / (|w_i| |w_j|))."""
+    rows = F.normalize(gate_weight.detach().float(), dim=1)
+    return rows @ rows.t()
+
+
 def gatepro_partners(gate_weight):
     """GatePro (arXiv 2510.13079, Algorithm 1): j*(i) = argmax_{j != i} S_ij, S the cosine
     similarity of the rows of the gate weight W_g [E, d]. Directed: j*(j*(i)) need not be
     i. Recomputed from the current weights, without gradient. Returns [E] long."""
-    with torch.no_grad():
-        rows = F.normalize(gate_weight.detach().float(), dim=1)
-        similarity = rows @ rows.t()
-        similarity.fill_diagonal_(-float('inf'))  # an expert is not its own partner
-        return similarity.argmax(dim=1)
+    similarity = gate_similarity(gate_weight)
+    similarity.fill_diagonal_(-float('inf'))  # an expert is not its own partner
+    return similarity.argmax(dim=1)
 
 
 def gatepro_penalize(logits, gate_weight, penalty):
