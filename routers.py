@@ -255,26 +255,30 @@ class TopKRouter(Router):
     renormalize=True divides the kept k weights by their sum (Mixtral, arXiv 2401.04088);
     False keeps the raw softmax values (OLMoE, arXiv 2409.02060). Default True.
     Losses by coefficient: aux_loss_coef (Switch, default 0.01), z_loss_coef (ST-MoE, 0.001).
-    Subclasses change the logits (gate_logits) or the probabilities that choose
-    (routing_probs); the balance loss always sees the plain softmax of the logits.
+    Subclasses change the logits (gate_logits) or the scores the top-k is taken on
+    (choice_logits); the balance loss always sees the plain softmax of the logits.
     """
 
     def __init__(self, config):
         super().__init__(config)
         self.renormalize = config.renormalize
 
-    def routing_probs(self, logits, probs):
-        """The probabilities the top-k is taken on (GatePro penalises them)."""
-        return probs
+    def choice_logits(self, logits):
+        """The scores the top-k is taken on (GatePro penalises the losers' logits)."""
+        return logits
 
     def forward(self, h, token_ids=None, seq_len=None):
         logits = self.gate_logits(h)
-        probs = F.softmax(logits, dim=-1)
-        topk_weight, topk_idx = torch.topk(self.routing_probs(logits, probs), self.top_k, dim=-1)
+        choice = self.choice_logits(logits)
+        # top-k on logits, not on probabilities: in fp32 the softmax of logits far below the
+        # maximum underflows to exactly 0, and top-k would then break those ties by index
+        topk_logit, topk_idx = torch.topk(choice, self.top_k, dim=-1)
         if self.renormalize:
-            topk_weight = topk_weight / topk_weight.sum(dim=-1, keepdim=True)
+            topk_weight = F.softmax(topk_logit, dim=-1)  # = p_i / sum of the kept p_j
+        else:
+            topk_weight = F.softmax(choice, dim=-1).gather(1, topk_idx)
         token_idx, expert_idx, weight = flatten_choices(topk_idx, topk_weight)
-        losses = self.standard_losses(logits, probs, expert_idx)
+        losses = self.standard_losses(logits, F.softmax(logits, dim=-1), expert_idx)
         return Routing(token_idx, expert_idx, weight, logits.detach(), losses, n_requested=expert_idx.numel())
 
 
@@ -284,7 +288,7 @@ class GateProRouter(TopKRouter):
     experts with nearly the same gate vector are not both picked for one token.
 
         l = W_g h (no bias),  l' = gatepro_penalize(l, W_g, penalty),
-        top-k of l', weights = softmax over the k selected   (the paper's eqs. 2-4, 9-10)
+        top-k of l', weights = softmax of l' over the k selected   (the paper's eqs. 2-4, 9-10)
 
     The softmax over the k selected is renormalize=True, the default (False keeps the
     softmax of the penalised logits over all E, which is not the paper's).
@@ -292,7 +296,8 @@ class GateProRouter(TopKRouter):
     gatepro_penalty (lambda), default 1e4: the paper writes "typically lambda = 1e-4" yet
     calls the penalty aggressive, one that "effectively eliminates the losing expert".
     The default takes the elimination reading: a loser is picked only when fewer than k
-    experts win, and then with weight ~0. The literal 1e-4 only reorders logits within
+    experts win; the free slots then go to the losers with the largest logits (the top-k
+    is taken on l', not on its softmax, whose losers all underflow to 0), with weight ~0. The literal 1e-4 only reorders logits within
     1e-4 of each other (near-ties), and would round away in bf16: it is applied in fp32.
     Hot-swap: the competition is on for gatepro_start_iter <= iter < gatepro_end_iter
     (None = no end), and outside it the router is exactly topk; train.py reports the
@@ -314,10 +319,10 @@ class GateProRouter(TopKRouter):
     def competing(self):
         return self.start_iter <= self.iter_num and (self.end_iter is None or self.iter_num < self.end_iter)
 
-    def routing_probs(self, logits, probs):
+    def choice_logits(self, logits):
         if not self.competing():
-            return probs
-        return F.softmax(gatepro_penalize(logits, self.gate.weight, self.penalty), dim=-1)
+            return logits
+        return gatepro_penalize(logits, self.gate.weight, self.penalty)
 
 
 class OrthoVarRouter(TopKRouter):
@@ -474,13 +479,15 @@ class AuxFreeRouter(Router):
     def forward(self, h, token_ids=None, seq_len=None):
         logits = self.gate_logits(h)
         scores = torch.sigmoid(logits)
-        _, topk_idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1)
+        _, topk_idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1)  # b picks (eq. 16)
         topk_score = scores.gather(1, topk_idx)
         topk_weight = self.scale * topk_score / topk_score.sum(dim=-1, keepdim=True)
         token_idx, expert_idx, weight = flatten_choices(topk_idx, topk_weight)
         losses = self.standard_losses(logits, None, expert_idx)
         if self.seq_loss_coef > 0:
-            losses['seq_aux'] = self.seq_loss_coef * sequence_balance_loss(scores, topk_idx, seq_len or h.size(0))
+            # eq. 18 counts the top-k of the affinities themselves: the bias is not in f
+            _, unbiased_topk_idx = torch.topk(scores, self.top_k, dim=-1)
+            losses['seq_aux'] = self.seq_loss_coef * sequence_balance_loss(scores, unbiased_topk_idx, seq_len or h.size(0))
         return Routing(token_idx, expert_idx, weight, logits.detach(), losses, n_requested=expert_idx.numel())
 
     @torch.no_grad()

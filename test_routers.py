@@ -176,21 +176,54 @@ def test_gatepro_partner_matches_brute_force_cosine():
     assert gatepro_partners(gate).tolist() == expected
 
 
-def test_gatepro_large_penalty_never_selects_a_loser_and_argmax_always_wins():
-    torch.manual_seed(1)
-    E, k = 8, 2
-    gate = torch.randn(E, 6)
-    logits = torch.randn(500, E) * 3
-    partner = gatepro_partners(gate)
-    loses = logits < logits[:, partner]
-    selected = torch.topk(gatepro_penalize(logits, gate, penalty=1e4), k, dim=-1).indices
-    enough_winners = (~loses).sum(dim=-1) >= k
-    assert enough_winners.sum() > 100  # the property below is tested on many tokens
-    assert not loses.gather(1, selected)[enough_winners].any()
-    # the largest logit cannot be strictly smaller than its partner's: it always wins and is picked
-    argmax = logits.argmax(dim=-1)
-    assert not loses.gather(1, argmax[:, None]).any()
-    assert (selected == argmax[:, None]).any(dim=-1).all()
+def fewer_winners_gate():
+    """A gate W [6, 7] with h = (100, 0, ..., 0) giving logits (5, 4.5, 0, .1, .2, .3), in
+    which every expert i > 0 has expert 0 as its partner: column 0 carries logit/100 (too
+    small to matter for the cosines), column 1 a shared 10, and each row i > 0 a private 3
+    in column i + 1. cos(0, i) = 100 / (10 sqrt(109)) = .958 > cos(i, j) = 100 / 109 = .917."""
+    logits = [5.0, 4.5, 0.0, 0.1, 0.2, 0.3]
+    gate = torch.zeros(6, 7)
+    gate[:, 0] = torch.tensor(logits) / 100
+    gate[:, 1] = 10.0
+    for i in range(1, 6):
+        gate[i, i + 1] = 3.0
+    h = torch.zeros(1, 7)
+    h[0, 0] = 100.0
+    return gate, h
+
+
+@pytest.mark.parametrize('penalty, weights', [
+    (1e4, [1.0, 0.0]),            # the loser that fills the slot weighs ~0: e^(4.5 - 1e4 - 5)
+    (1e-4, [0.62248, 0.37752]),   # softmax(5, 4.4999) = 1 / (1 + e^-0.5001) = .62248
+])
+def test_gatepro_fills_a_slot_with_the_loser_of_largest_logit(penalty, weights):
+    # Algorithm 1: experts 1-5 all lose to expert 0 (their logits are smaller); expert 0
+    # wins against its own partner. One winner for k = 2: the second slot goes to the
+    # loser with the largest penalised logit, expert 1 (4.5 - lambda), not to whichever
+    # loser has the smallest index among the probabilities that underflowed to 0.
+    gate, h = fewer_winners_gate()
+    assert gatepro_partners(gate)[1:].tolist() == [0] * 5  # the set-up above
+    router = build_router(router_config(router='gatepro', n_embd=7, n_head=1, n_exp=6, top_k=2,
+                                        gatepro_penalty=penalty)).eval()
+    set_gate(router, gate.tolist())
+    r = router(h)
+    assert r.expert_idx.tolist() == [0, 1]
+    torch.testing.assert_close(r.weight, torch.tensor(weights), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('n_exp', [8, 16])
+@pytest.mark.parametrize('top_k', [2, 4, 6])
+def test_gatepro_chooses_the_topk_of_the_penalised_logits(n_exp, top_k):
+    # gatepro_penalize is pinned by hand above; here the router as a whole must choose
+    # exactly its top-k, also when fewer than k experts win (frequent at k = 4, 6)
+    torch.manual_seed(n_exp + top_k)
+    router = build_router(router_config(router='gatepro', n_exp=n_exp, top_k=top_k)).eval()
+    h = torch.randn(400, 8)
+    r = router(h)
+    logits = h @ router.gate.weight.detach().t()
+    expected = torch.topk(gatepro_penalize(logits, router.gate.weight, 1e4), top_k, dim=-1).indices
+    chosen = r.expert_idx.view(top_k, -1).t()  # choice-major pairs -> [N, k]
+    assert torch.equal(chosen.sort(dim=-1).values, expected.sort(dim=-1).values)
 
 
 def test_gatepro_literal_small_penalty_only_breaks_near_ties():
@@ -235,12 +268,20 @@ def test_gatepro_equals_topk_exactly_outside_the_window():
 
 
 def test_gatepro_balance_loss_uses_unpenalised_probs_and_actual_assignments():
-    torch.manual_seed(4)
-    router = build_router(router_config(router='gatepro', n_exp=8, aux_loss_coef=1.0, z_loss_coef=0.0))
-    h = torch.randn(64, 8)
-    r = router(h)
-    probs = torch.softmax(h @ router.gate.weight.t(), dim=-1)  # unpenalised
-    torch.testing.assert_close(r.losses['aux'], switch_aux_loss(probs, r.expert_idx, 8))
+    # PAIRED_GATE (partners 0<->1, 2<->3), k = 2, lambda = 1e4.
+    # token A, h = (1, 0):  l = (1, 1, 0, .1); 0-1 tie (both win), 2 loses to 3 -> picks {0, 1}
+    # token B, h = (1, .5): l = (1, 1.05, .5, .6); 0 and 2 lose -> picks {1, 3}
+    #   (plain top-2 would pick {1, 0})
+    # f = counts / 4 = (1, 2, 0, 1) / 4
+    # P = mean of the UNpenalised softmaxes: A (.36043, .36043, .13260, .14654),
+    #     B (.30047, .31588, .18224, .20141) -> P = (.33045, .33815, .15742, .17398)
+    # L = 4 * (.25 * .33045 + .5 * .33815 + 0 + .25 * .17398) = 1.18073
+    router = build_router(router_config(router='gatepro', n_embd=2, n_head=1, n_exp=4, top_k=2,
+                                        aux_loss_coef=1.0, z_loss_coef=0.0)).eval()
+    set_gate(router, PAIRED_GATE)
+    r = router(torch.tensor([[1.0, 0.0], [1.0, 0.5]]))
+    assert sorted(zip(r.token_idx.tolist(), r.expert_idx.tolist())) == [(0, 0), (0, 1), (1, 1), (1, 3)]
+    assert r.losses['aux'].item() == pytest.approx(1.18073, abs=1e-5)
 
 
 def test_gatepro_metrics_by_hand():
@@ -398,6 +439,24 @@ def test_aux_free_bias_updates_drive_max_vio_down():
     for _ in range(40):
         router.update_after_step(load())
     assert first > 2.0 and max_vio(load()) < 0.25 * first
+
+
+def test_aux_free_sequence_loss_counts_the_topk_without_bias():
+    # DeepSeek-V3 eqs. 17-20, E = 4, k = 2, one sequence of T = 2 tokens, logits chosen so
+    # that s = sigmoid(l) is t1 = (.8, .6, .4, .2), t2 = (.2, .8, .6, .4) (l = ln(s / (1 - s))).
+    # f counts the top-2 of s itself: t1 {0, 1}, t2 {1, 2}; f_i = E / (k T) * count = (1, 2, 1, 0).
+    # Both rows of s sum to 2: P = mean of s / 2 = ((.4 + .1)/2, (.3 + .4)/2, (.2 + .3)/2, (.1 + .2)/2)
+    #   = (.25, .35, .25, .15);  L = .25 + .70 + .25 + 0 = 1.20.
+    # The bias b = (0, 0, 0, 5) routes both tokens to expert 3, but must not enter f
+    # (counting the biased choices {3, 0}, {3, 1} would give f = (1, 1, 0, 2), L = .90).
+    router = build_router(router_config(router='aux_free', n_embd=4, n_head=1, n_exp=4, top_k=2,
+                                        aux_free_seq_loss_coef=1.0)).eval()
+    set_gate(router, torch.eye(4).tolist())  # logits = h
+    s = torch.tensor([[.8, .6, .4, .2], [.2, .8, .6, .4]])
+    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))
+    r = router(torch.log(s / (1 - s)), seq_len=2)
+    assert sorted(zip(r.token_idx.tolist(), r.expert_idx.tolist())) == [(0, 0), (0, 3), (1, 1), (1, 3)]
+    assert r.losses['seq_aux'].item() == pytest.approx(1.20, abs=1e-5)
 
 
 def test_aux_free_has_no_switch_loss_and_a_sequence_loss():
