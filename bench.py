@@ -31,7 +31,6 @@ import json
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -40,8 +39,9 @@ from torch.utils._pytree import tree_leaves
 
 from configurator import ConfigError, apply_overrides
 from metrics import RoutingStats
-from model import GPT, GPTConfig, keep_freed_memory_on_cpu
+from model import GPT, GPTConfig
 from routers import ROUTERS
+from system import autocast_context, keep_freed_memory_on_cpu, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 device = 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
@@ -54,7 +54,7 @@ threads = 1  # CPU threads for torch; 0 = torch's default (all cores). One by de
              # machine a second OpenMP thread stalls at every op's barrier whenever another process
              # holds its core, which costs a model in proportion to its op count, not its work
 profile = False  # True: print where one step's time goes (torch.profiler), instead of the ratios
-# shapes (issue 4)
+# shapes
 batch_size = 8
 block_size = 256
 vocab_size = 512
@@ -64,7 +64,7 @@ n_embd = 256
 top_k = 2
 n_exp = 8
 n_exp_large = 64
-expert_impl = 'auto'  # 'auto', 'loop' or 'grouped' (model.Experts)
+expert_impl = 'auto'  # 'auto', 'plain', 'loop' or 'grouped' (model.Experts, fast_experts.py)
 # training step, as train.py
 learning_rate = 6e-4
 weight_decay = 0.1
@@ -84,24 +84,25 @@ for key in ('steps', 'router_steps', 'batch_size', 'block_size'):
     if globals()[key] < 1:
         print(f"error: {key}={globals()[key]} must be >= 1", file=sys.stderr)
         sys.exit(2)
-if dtype not in ('auto', 'float32', 'bfloat16'):
+if dtype not in ('auto', 'float32', 'bfloat16'):  # no float16: the bench has no GradScaler
     print(f"error: dtype={dtype!r} must be auto, float32 or bfloat16", file=sys.stderr)
     sys.exit(2)
-if device.startswith('cuda') and not torch.cuda.is_available():
-    print(f"error: device={device!r} but CUDA is not available; use --device=cpu", file=sys.stderr)
+try:
+    device = pick_device(device)
+except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-if dtype == 'auto':
-    dtype = 'bfloat16' if device_type == 'cuda' else 'float32'
-ctx = nullcontext() if dtype == 'float32' else torch.autocast(device_type, dtype=getattr(torch, dtype))
+dtype = pick_dtype(dtype, device_type)
+ctx = autocast_context(device_type, dtype)
 if threads > 0 and device_type == 'cpu':
     torch.set_num_threads(threads)
 if device_type == 'cpu':
-    keep_freed_memory_on_cpu()  # as train.py does; see model.py
+    keep_freed_memory_on_cpu()  # as train.py does; see system.py
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
 shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, vocab_size=vocab_size,
-             top_k=top_k, expert_impl=expert_impl, dropout=0.0)
+             expert_impl=expert_impl, dropout=0.0)
 tokens_per_step = batch_size * block_size
 
 
@@ -109,7 +110,7 @@ def build(**overrides):
     """A model and its AdamW, from the same seed every time."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**{**shape, **overrides})).to(device)
-    optimizer = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.99), device_type)  # train.py's betas
+    optimizer = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.99))  # train.py's betas
     return model, optimizer
 
 
@@ -136,10 +137,10 @@ def train_step(model, optimizer=None, stats=None, tokens=None):
     X, Y = tokens or fixed_batch
     t0 = now()
     with ctx:
-        _, loss, routings = model(X, Y)
-    loss.backward()
+        _, lm_loss, router_losses, routings = model(X, Y)
+    (lm_loss + sum(router_losses.values())).backward()
     if stats is not None:
-        stats.add(routings)
+        stats.add(routings, router_losses)
         stats.summary()
     t1 = now()
     with torch.profiler.record_function('## optimizer'):  # a label for --profile=True
@@ -214,7 +215,7 @@ class PeakMemory(TorchDispatchMode):
 
 def peak_memory(batch):
     """Bytes: the peak that one MoE (n_exp experts) forward+backward at this batch size adds."""
-    model, _ = build(n_exp=n_exp)
+    model, _ = build(n_exp=n_exp, top_k=top_k)
     tokens = random_batch(batch)
     train_step(model, tokens=tokens)  # warm-up
     if device_type == 'cuda':
@@ -281,7 +282,7 @@ if profile:
     n_profiled = 2 if quick else 5
     columns, unprofiled = {}, {}
     for name, exps in (('dense', 1), (f'moe E={n_exp}', n_exp), (f'moe E={n_exp_large}', n_exp_large)):
-        model, optimizer = build(n_exp=exps)
+        model, optimizer = build(n_exp=exps, top_k=top_k)
         label_components(model)
         for _ in range(warmup):
             train_step(model, optimizer)
@@ -315,7 +316,7 @@ if profile:
 # 1. MoE vs dense, forward+backward and full step
 print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} tokens/step={tokens_per_step} "
       f"steps={steps} router_steps={router_steps} warmup={warmup} expert_impl={expert_impl}")
-models = {'dense': build(n_exp=1), 'moe': build(n_exp=n_exp), 'moe64': build(n_exp=n_exp_large)}
+models = {'dense': build(n_exp=1), 'moe': build(n_exp=n_exp, top_k=top_k), 'moe64': build(n_exp=n_exp_large, top_k=top_k)}
 times = interleaved({name: (lambda m=m, o=o: train_step(m, o)) for name, (m, o) in models.items()}, steps)
 labels = {'dense': 'dense', 'moe': f'moe E={n_exp}', 'moe64': f'moe E={n_exp_large}'}
 print(f"\n{'model':<12} {'fwd+bwd ms':>10} {'tok/s':>8} {'vs dense':>8} {'(p25-p75)':>13} | {'full ms':>8} "
@@ -342,8 +343,10 @@ del models, times
 # 2. every router (fwd+bwd), and topk with routing metrics every step
 cases, router_models = {}, {}
 for name in ROUTERS:
+    # top_k for the routers that take one (switch and hash fix top-1, expert choice has none)
+    per_token = {} if 'top_k' in ROUTERS[name].fixed else {'top_k': top_k}
     try:
-        router_models[name] = build(n_exp=n_exp, router=name)[0]
+        router_models[name] = build(n_exp=n_exp, router=name, **per_token)[0]
     except ValueError as e:  # a router that needs settings this bench does not give it
         print(f"router {name}: not benchmarked: {e}")
         continue
@@ -357,11 +360,7 @@ for name in cases:
 results['routers'] = {name: {'tokens_per_s': tokens_per_step / median_time(times[name]),
                              'vs_topk': speed_ratio(times, name, 'topk')} for name in router_models}
 results['metrics_overhead'] = median_time(times['topk+metrics']) / median_time(times['topk'])
-if 'gatepro' in times:
-    results['gatepro_overhead'] = median_time(times['gatepro']) / median_time(times['topk'])
-else:
-    results['gatepro_overhead'] = None
-    results['gatepro_note'] = "no 'gatepro' router in routers.ROUTERS on this branch"
+results['gatepro_overhead'] = median_time(times['gatepro']) / median_time(times['topk'])
 del router_models, cases, times
 
 # 3. memory: peak of one MoE fwd+bwd at 1x and 2x the tokens

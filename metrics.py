@@ -1,6 +1,6 @@
 """
 Routing metrics, computed from what the routers returned (routers.Routing). No training
-logic here. Definitions follow DESIGN.md section 4; all are per MoE layer.
+logic here. All are per MoE layer; the README's metrics table defines each one.
 
 RoutingStats accumulates over several forward passes (gradient-accumulation micro-steps,
 evaluation batches) with tensor ops only; summary() turns the totals into Python numbers
@@ -68,12 +68,13 @@ class RoutingStats:
         self.losses = {}   # router loss name -> total over layers and passes
         self.n_passes = 0
 
-    def add(self, routings, full=True, gate_weights=None):
-        """routings: {layer: Routing} from one forward. full=False counts only the
-        assignments (what the DeepSeek-V3 bias update needs), skipping entropies.
-        gate_weights: {layer: W_g} for the GatePro metrics (pair_coactivation, gate_cos_sim)
-        of the layers whose router has a learned gate."""
+    def add(self, routings, router_losses=None, full=True):
+        """routings: {layer: Routing} and router_losses: {name: scalar summed over layers}
+        from one forward. full=False counts only the assignments (what the routers'
+        step_finished needs), skipping entropies and the gate metrics."""
         self.n_passes += 1
+        for name, value in (router_losses or {}).items():
+            self.losses[name] = self.losses.get(name, 0.0) + value.detach()
         for layer, routing in routings.items():
             n_exp = routing.logits.size(-1)
             totals = self.layers.setdefault(layer, {'counts': 0, 'n_requested': 0, 'n_pairs': 0,
@@ -85,17 +86,16 @@ class RoutingStats:
                 totals['entropy_sum'] = totals['entropy_sum'] + router_entropy(routing.logits).sum()
                 totals['variance_sum'] = totals['variance_sum'] + routing_variance(routing.logits).sum()
                 totals['n_tokens'] += routing.logits.size(0)
-            if full and gate_weights and layer in gate_weights:
-                weight = gate_weights[layer]
+            if full and routing.gate_weight is not None:
+                weight = routing.gate_weight
                 n_tokens = routing.logits.size(0)
                 totals['coactivation_sum'] = totals.get('coactivation_sum', 0.0) + n_tokens * pair_coactivation(
                     routing.token_idx, routing.expert_idx, gatepro_partners(weight), n_tokens)
                 totals['gate_cos_sim'] = gate_cos_sim(weight)  # the latest weights
-            for name, value in routing.losses.items():
-                self.losses[name] = self.losses.get(name, 0.0) + value.detach()
 
-    def counts(self, layer):
-        return self.layers[layer]['counts']
+    def load_counts(self):
+        """{layer: [E] assignment counts} summed over the passes added so far."""
+        return {layer: totals['counts'] for layer, totals in self.layers.items()}
 
     def loss_summary(self):
         """Mean per forward pass of each router loss, summed over layers."""

@@ -1,19 +1,22 @@
 """
-Routers: the function that decides which experts see which token.
+Routers: the function that decides which experts see which token. Everything about
+routing lives in this file: the settings (RouterConfig), the routers, their losses.
 
-Every router is a small nn.Module built from the GPTConfig. Its forward takes the
-hidden states of the N tokens of a batch, h [N, d], and returns a Routing: a flat
-list of P (token, expert, weight) assignment pairs, the router's own losses (already
-multiplied by their coefficients) and its raw scores for the metrics.
+Every router is a small nn.Module built from the config. Its forward takes the hidden
+states of the N tokens of a batch, h [N, d], and returns a Routing: a flat list of P
+(token, expert, weight) assignment pairs, the router's own losses (already multiplied by
+their coefficients) and its raw scores for the metrics.
 
 Flat pairs let token choice (P = N*k), capacity dropping (fewer pairs), expert choice
 (P = E*C) and routers with a variable number of experts per token share one MoE layer.
 
 The loss functions are pure functions of tensors so you can check them by hand.
-Adding a router = one class + one line in ROUTERS + one test in test_routers.py.
+Adding a router = one class + one line in ROUTERS + one test in test_routers.py; a new
+setting is one more field of RouterConfig.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -30,7 +33,12 @@ class Routing:
     weight: torch.Tensor      # [P] float: gate weight multiplying that expert's output
     logits: torch.Tensor      # [N, E] fp32 raw router scores, detached, for metrics
     losses: dict = field(default_factory=dict)  # name -> scalar, already scaled by its coefficient
-    n_requested: int = 0      # assignments asked for before capacity dropping (P if nothing dropped)
+    gate_weight: Optional[torch.Tensor] = None  # [E, d] the gate W_g, detached (GatePro's metrics); None = no gate
+    n_requested: Optional[int] = None  # assignments asked for before capacity dropping (None = P)
+
+    def __post_init__(self):
+        if self.n_requested is None:
+            self.n_requested = self.n_pairs
 
     @property
     def n_pairs(self):
@@ -45,6 +53,104 @@ class Routing:
         best = torch.full((n_tokens,), -1, dtype=torch.long, device=self.weight.device)
         best[self.token_idx[is_best]] = self.expert_idx[is_best]
         return best
+
+
+# -----------------------------------------------------------------------------
+# Every routing setting
+
+
+@dataclass
+class RouterConfig:
+    """The routing settings, each with its default and its source. GPTConfig (model.py)
+    inherits these fields, so every one is a flat config key: --router=gatepro
+    --gatepro_penalty=1e-4. None means "the router's own default": each router class
+    lists its paper's values in `defaults`, and in `fixed` the values it cannot work
+    without (switch and hash are top-1). A value given that contradicts a fixed one is an
+    error, never silently replaced."""
+    router: str = 'topk'  # a name in ROUTERS
+    n_exp: int = 8  # experts per MoE layer; 0 or 1 = a dense MLP everywhere, no router
+    top_k: Optional[int] = None  # experts per token (token choice); None = the router's default
+    # capacity (Switch sec. 2.2): None = dropless (or the router's default, switch: 1.25)
+    capacity_factor: Optional[float] = None
+    eval_capacity_factor: Optional[float] = None  # None = the router's default, else capacity_factor
+    renormalize: Optional[bool] = None  # top-k weights divided by their sum (Mixtral) or not (OLMoE)
+    # losses by coefficient, None = the router's default (see each class and the README's table)
+    aux_loss_coef: Optional[float] = None  # Switch balance loss, Fedus et al. 2021 sec. 2.2
+    z_loss_coef: Optional[float] = None  # router z-loss, Zoph et al. 2022 (ST-MoE) sec. 3.1
+    var_loss_coef: Optional[float] = None  # gamma of Guo et al. 2025: variance of each token's routing softmax
+    ortho_loss_coef: Optional[float] = None  # beta of Guo et al. 2025: orthogonality of the selected experts' outputs
+    ortho_loss_eps: float = 1e-6  # epsilon in L_o's projection denominator
+    # GatePro (Zheng et al. 2025, arXiv 2510.13079)
+    gatepro_penalty: float = 1e4  # lambda subtracted from a losing expert's logit; 1e-4 is the paper's literal value
+    gatepro_start_iter: int = 0  # competition on from this iteration...
+    gatepro_end_iter: Optional[int] = None  # ...until this one (excluded); None = to the end
+    # Switch (Fedus et al. 2021)
+    switch_jitter: float = 0.01  # multiplicative router-input noise U[1-eps, 1+eps], training only; 0 = off
+    # DeepSeek-V3 auxiliary-loss-free balancing (arXiv 2412.19437 sec. 2.1.2)
+    aux_free_update_rate: float = 0.001  # gamma: bias step per optimizer step (DeepSeek-V3 sec. 4.2)
+    aux_free_seq_loss_coef: float = 1e-4  # alpha of the sequence-wise balance loss (sec. 4.2); 0 = off
+    aux_free_scale: float = 1.0  # gate weights multiplier (DeepSeek-V3's released config: 2.5)
+    # hash layers (Roller et al. 2021)
+    hash_seed: int = 0  # seed of the fixed random token-id -> expert map
+
+    def __post_init__(self):
+        # every problem here is a user's setting: say which, and what would work
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}; available: {', '.join(sorted(ROUTERS))}")
+        if self.n_exp <= 1:
+            return  # a dense model: no router is built
+        router_class = ROUTERS[self.router]
+        for name, value in router_class.fixed.items():
+            given = getattr(self, name)
+            if given is not None and given != value:
+                raise ValueError(f"router {self.router!r} needs {name}={value}, got {name}={given}; "
+                                 f"drop --{name} (or pick another router)")
+            setattr(self, name, value)
+        for name, value in router_class.defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name in ('aux_loss_coef', 'z_loss_coef', 'var_loss_coef', 'ortho_loss_coef'):
+            if getattr(self, name) is None:
+                setattr(self, name, 0.0)
+        if self.top_k is not None and not 1 <= self.top_k <= self.n_exp:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and n_exp={self.n_exp}")
+        for name in ('capacity_factor', 'eval_capacity_factor'):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}={value} must be > 0, or None for dropless routing")
+        if self.eval_capacity_factor is None:
+            self.eval_capacity_factor = self.capacity_factor
+        if self.ortho_loss_coef > 0:
+            self.check_ortho_loss(router_class)
+
+    def check_ortho_loss(self, router_class):
+        # L_o pairs the top_k outputs of each token (Router.output_losses): every token
+        # must have exactly top_k >= 2 experts, none dropped
+        problem = None
+        if not router_class.exactly_top_k:
+            problem = f"router {self.router!r} does not give every token exactly top_k experts"
+        elif self.top_k < 2:
+            problem = f"top_k={self.top_k}: a token with one expert has no pair (router {self.router!r})"
+        elif self.capacity_factor is not None or self.eval_capacity_factor is not None:
+            problem = (f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}: "
+                       f"a dropped assignment leaves its token fewer than top_k outputs; use None (dropless)")
+        if problem:
+            raise ValueError(f"ortho_loss_coef={self.ortho_loss_coef} needs fixed-k token choice without drops: {problem}")
+
+    @property
+    def experts_per_token(self):
+        """How many experts a token uses, on average: top_k, or expert choice's capacity
+        factor. The model sizes its experts and counts active parameters with it."""
+        return self.top_k if ROUTERS[self.router].exactly_top_k else self.capacity_factor
+
+    def describe(self):
+        """One line for the training log: the router and what it trains with."""
+        if ROUTERS[self.router].exactly_top_k:
+            choice = f"top-{self.top_k}" + (f", capacity factor {self.capacity_factor}" if self.capacity_factor else '')
+        else:
+            choice = f"experts pick tokens, capacity factor {self.capacity_factor}"
+        losses = [f"{name} {getattr(self, name)}" for name in ROUTERS[self.router].loss_settings if getattr(self, name)]
+        return f"{self.router}, {self.n_exp} experts, {choice}; losses: {', '.join(losses) or 'none'}"
 
 
 # -----------------------------------------------------------------------------
@@ -178,34 +284,41 @@ def expert_counts(expert_idx, n_exp):
 
 
 class Router(nn.Module):
-    """Base class: a linear gate W_g [E, d] without bias, and the losses every router can
-    switch on by coefficient (Switch balance loss, z-loss, variance loss). Routers compute
-    in fp32 even under autocast: bf16 logits tie and flip the top-k choice.
+    """Base class: a linear gate W_g [E, d] without bias, the losses every router can
+    switch on by coefficient, and capacity dropping. Routers compute in fp32 even under
+    autocast: bf16 logits tie and flip the top-k choice.
 
-    forward(h, token_ids=None, seq_len=None) -> Routing, with h [N, d] the hidden states of
-    N = B*seq_len tokens (B sequences, in order) and token_ids [N] their input token ids
-    (for routers that route by identity, like hash).
+    The whole interface, as the model and the training loop see it:
+      forward(h, token_ids, seq_len) -> Routing, with h [N, d] the hidden states of
+          N = B*seq_len tokens (B sequences, in order) and token_ids [N] their input token
+          ids (for routers that route by identity, like hash)
+      output_losses(routing, expert_out, order) -> {name: loss}: losses that need the
+          experts' outputs, called by the MoE layer after the experts ran
+      step_finished(iter_num, load_counts): after each optimizer step, with this layer's
+          assignment counts [E] summed over the global batch (all micro-steps, all ranks)
 
-    Class attributes tell the MoE layer and GPTConfig what kind of router this is:
-      token_choice    each token picks its experts; False = experts pick tokens (the MoE
-                      layer then does not drop by capacity, the router bounds the load itself)
-      variable_k      a token may get another number of experts than top_k
-      fixed_config    GPTConfig fields this router cannot do without (switch: top_k=1)
-      default_config  GPTConfig fields it fills, when the user left them None, with its
-                      paper's values (switch: capacity factors 1.25 / 2.0)
+    Class attributes that RouterConfig reads:
+      fixed          settings this router cannot do without (switch: top_k=1)
+      defaults       settings it fills, when the user left them None, with its paper's values
+      exactly_top_k  every token gets exactly top_k experts (False: expert choice)
+      loss_settings  the coefficients of the losses it can train with (for the log line)
     """
-    token_choice = True
-    variable_k = False
-    fixed_config = {}
-    default_config = {}
+    fixed = {}
+    defaults = {}
+    exactly_top_k = True
+    loss_settings = ('aux_loss_coef', 'z_loss_coef', 'var_loss_coef', 'ortho_loss_coef')
 
     def __init__(self, config, learned_gate=True):
         super().__init__()
         self.n_exp = config.n_exp
         self.top_k = config.top_k
+        self.capacity_factor = config.capacity_factor
+        self.eval_capacity_factor = config.eval_capacity_factor
         self.aux_loss_coef = config.aux_loss_coef
         self.z_loss_coef = config.z_loss_coef
         self.var_loss_coef = config.var_loss_coef
+        self.ortho_loss_coef = config.ortho_loss_coef
+        self.ortho_loss_eps = config.ortho_loss_eps
         self.gate = nn.Linear(config.n_embd, config.n_exp, bias=False) if learned_gate else None
 
     def gate_logits(self, h):
@@ -225,16 +338,37 @@ class Router(nn.Module):
             losses['var'] = self.var_loss_coef * variance_loss(logits)
         return losses
 
-    def set_iter(self, iter_num):
-        """Called by train.py before every forward with the current iteration (also right
-        after a resume), and by sample.py with the checkpoint's. Routers that change with
-        the training step (GatePro's hot-swap window) read it here."""
-        pass
+    def drop_over_capacity(self, routing):
+        """Switch sec. 2.2: each expert takes at most `capacity` assignments; the rest are
+        dropped (their tokens keep only the residual). Returns a new Routing; no capacity
+        factor = dropless, the same Routing. The losses were computed before: the balance
+        loss sees what the router asked for."""
+        capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        if capacity_factor is None:
+            return routing
+        n_tokens = routing.logits.size(0)
+        keep = capacity_keep_mask(routing.expert_idx, self.n_exp,
+                                  expert_capacity(n_tokens, self.n_exp, self.top_k, capacity_factor))
+        return replace(routing, token_idx=routing.token_idx[keep], expert_idx=routing.expert_idx[keep],
+                       weight=routing.weight[keep], n_requested=routing.n_requested)
 
-    def update_after_step(self, load_counts):
-        """Called by train.py after each optimizer step with this layer's assignment counts
-        [E], summed over the gradient-accumulation micro-steps and over DDP ranks. Routers
-        whose state is not learned by gradient (DeepSeek-V3's bias) update it here."""
+    def output_losses(self, routing, expert_out, order):
+        """Losses on the experts' raw outputs, which exist only after the experts ran:
+        Guo et al.'s orthogonality loss L_o (ortho_loss) when ortho_loss_coef > 0.
+        expert_out [P, d]: row i is the output for pair order[i] of `routing` (the MoE layer
+        runs the pairs sorted by expert). RouterConfig allows L_o only for fixed-k token
+        choice without drops, so the P = k*N pairs are choice-major: p = c*N + t."""
+        if not self.ortho_loss_coef:
+            return {}
+        pair_out = expert_out[torch.argsort(order)]  # back to the router's order: argsort inverts a permutation
+        n_tokens = routing.logits.size(0)
+        per_token = pair_out.view(self.top_k, n_tokens, -1).transpose(0, 1)  # [N, k, d]
+        return {'ortho': self.ortho_loss_coef * ortho_loss(per_token, self.ortho_loss_eps)}
+
+    def step_finished(self, iter_num, load_counts):
+        """Called by the training loop after the optimizer step of iteration iter_num.
+        Routers with state that is not learned by gradient (DeepSeek-V3's bias) or that
+        changes with the training step (GatePro's window) update it here."""
         pass
 
 
@@ -252,12 +386,14 @@ class TopKRouter(Router):
 
         s_t = softmax(W_g h_t) over all E experts,  keep the k largest s_tj
 
-    renormalize=True divides the kept k weights by their sum (Mixtral, arXiv 2401.04088);
-    False keeps the raw softmax values (OLMoE, arXiv 2409.02060). Default True.
-    Losses by coefficient: aux_loss_coef (Switch, default 0.01), z_loss_coef (ST-MoE, 0.001).
+    Defaults: top_k = 2; renormalize = True divides the kept k weights by their sum
+    (Mixtral, arXiv 2401.04088), False keeps the raw softmax values (OLMoE, arXiv
+    2409.02060). Losses: aux_loss_coef = 0.01 (Switch balance loss) and z_loss_coef =
+    0.001 (ST-MoE z-loss), OLMoE's two coefficients.
     Subclasses change the logits (gate_logits) or the scores the top-k is taken on
     (choice_logits); the balance loss always sees the plain softmax of the logits.
     """
+    defaults = {'top_k': 2, 'renormalize': True, 'aux_loss_coef': 0.01, 'z_loss_coef': 0.001}
 
     def __init__(self, config):
         super().__init__(config)
@@ -279,7 +415,8 @@ class TopKRouter(Router):
             topk_weight = F.softmax(choice, dim=-1).gather(1, topk_idx)
         token_idx, expert_idx, weight = flatten_choices(topk_idx, topk_weight)
         losses = self.standard_losses(logits, F.softmax(logits, dim=-1), expert_idx)
-        return Routing(token_idx, expert_idx, weight, logits.detach(), losses, n_requested=expert_idx.numel())
+        routing = Routing(token_idx, expert_idx, weight, logits.detach(), losses, gate_weight=self.gate.weight.detach())
+        return self.drop_over_capacity(routing)
 
 
 class GateProRouter(TopKRouter):
@@ -297,13 +434,14 @@ class GateProRouter(TopKRouter):
     calls the penalty aggressive, one that "effectively eliminates the losing expert".
     The default takes the elimination reading: a loser is picked only when fewer than k
     experts win; the free slots then go to the losers with the largest logits (the top-k
-    is taken on l', not on its softmax, whose losers all underflow to 0), with weight ~0. The literal 1e-4 only reorders logits within
-    1e-4 of each other (near-ties), and would round away in bf16: it is applied in fp32.
+    is taken on l', not on its softmax, whose losers all underflow to 0), with weight ~0.
+    The literal 1e-4 only reorders logits within 1e-4 of each other (near-ties), and would
+    round away in bf16: it is applied in fp32.
     Hot-swap: the competition is on for gatepro_start_iter <= iter < gatepro_end_iter
-    (None = no end), and outside it the router is exactly topk; train.py reports the
-    iteration through set_iter(), after a resume too.
-    Balance loss (aux_loss_coef): P from the softmax of the UNpenalised logits (what the
-    gate learns from), f from the assignments actually made.
+    (None = no end), and outside it the router is exactly topk. The router counts the
+    finished training steps itself (step_finished) and keeps the count in the checkpoint.
+    Losses: topk's (GatePro adds none). The balance loss takes P from the softmax of the
+    UNpenalised logits (what the gate learns from), f from the assignments actually made.
     """
 
     def __init__(self, config):
@@ -311,10 +449,18 @@ class GateProRouter(TopKRouter):
         self.penalty = config.gatepro_penalty
         self.start_iter = config.gatepro_start_iter
         self.end_iter = config.gatepro_end_iter
-        self.iter_num = 0  # until set_iter says otherwise
+        self.iter_num = 0  # the iteration the next forward belongs to: training steps finished so far
 
-    def set_iter(self, iter_num):
-        self.iter_num = iter_num
+    def step_finished(self, iter_num, load_counts):
+        self.iter_num = iter_num + 1
+
+    # iter_num goes into the state dict (a plain int, no tensor to read back from a GPU),
+    # so a resumed run and sample.py route as the run did at the checkpoint
+    def get_extra_state(self):
+        return self.iter_num
+
+    def set_extra_state(self, state):
+        self.iter_num = int(state)
 
     def competing(self):
         return self.start_iter <= self.iter_num and (self.end_iter is None or self.iter_num < self.end_iter)
@@ -329,17 +475,17 @@ class OrthoVarRouter(TopKRouter):
     """Top-k routing with the two losses of Guo et al. 2025 (arXiv 2505.22323) switched on:
     L = L_lm + alpha L_aux + beta L_o + gamma L_v, summed over the MoE layers.
 
-    L_v (var_loss_coef = gamma) is computed here, from the logits of all E experts
-    (variance_loss); L_o (ortho_loss_coef = beta) needs the experts' outputs, so the MoE
-    layer computes it (model.py, MoE.selected_experts_ortho_loss). Both work with any
-    fixed-k token-choice router; this preset only fills them in when left None.
+    L_v (var_loss_coef = gamma) is variance_loss on the logits of all E experts; L_o
+    (ortho_loss_coef = beta) is ortho_loss on the experts' outputs, so the router computes
+    it in output_losses, after the experts ran. Both are Router features that work with
+    any fixed-k token-choice router; this one only turns them on by default.
     Defaults beta = 0.1, gamma = 0.3: the paper's released configs calibrate beta and gamma
     so that the initial terms are about 1e-4 and 1e-3, and on the default model these
-    values give 1e-4 and 9e-4 at step 0; in our short sweep (README, Routers) they beat
-    plain topk, while 10x both made the routing one-hot and collapsed. alpha stays
-    aux_loss_coef (0.01; the paper's configs use 0.001).
+    values give 1e-4 and 9e-4 at step 0; in our short sweep (RESULTS.md) they beat plain
+    topk, while 10x both made the routing one-hot and collapsed. alpha = aux_loss_coef and
+    the z-loss stay topk's (0.01 and 0.001; the paper's configs use alpha = 0.001).
     """
-    default_config = {'ortho_loss_coef': 0.1, 'var_loss_coef': 0.3}
+    defaults = {**TopKRouter.defaults, 'ortho_loss_coef': 0.1, 'var_loss_coef': 0.3}
 
 
 class SwitchRouter(TopKRouter):
@@ -348,21 +494,20 @@ class SwitchRouter(TopKRouter):
         p(x) = softmax(W_g x) (eq. 1),  y = p_i(x) E_i(x) for i = argmax p (eq. 2)
 
     The weight is the raw probability p_i, not renormalised (renormalised top-1 is always
-    1.0 and the router would learn nothing from the LM loss). Capacity (eq. 3):
-    capacity_factor * N / E tokens per expert; the MoE layer drops the rest and those
-    tokens keep only their residual. Defaults, filled in when capacity_factor and
-    eval_capacity_factor are None: 1.25 in training (one of the factors of the paper's
-    Table 1) and 2.0 in eval (more room, fewer drops, when no gradient needs the balance).
-    Balance loss: aux_loss_coef, alpha = 0.01 (sec. 2.2). switch_jitter, eps = 0.01 by
+    1.0 and the router would learn nothing from the LM loss): top_k = 1 and renormalize =
+    False are fixed. Capacity (eq. 3): capacity_factor * N / E tokens per expert; the rest
+    are dropped and keep only their residual. Defaults: 1.25 in training (one of the
+    factors of the paper's Table 1) and 2.0 in eval (more room, fewer drops, when no
+    gradient needs the balance). Losses: the balance loss, alpha = aux_loss_coef = 0.01
+    (sec. 2.2); no z-loss (it came later, with ST-MoE). switch_jitter, eps = 0.01 by
     default (the paper's "input jitter" exploration strategy): in training only, the router
     input is multiplied by noise uniform in [1 - eps, 1 + eps]; 0 turns it off.
     """
-    fixed_config = {'top_k': 1}
-    default_config = {'capacity_factor': 1.25, 'eval_capacity_factor': 2.0}
+    fixed = {'top_k': 1, 'renormalize': False}
+    defaults = {'capacity_factor': 1.25, 'eval_capacity_factor': 2.0, 'aux_loss_coef': 0.01, 'z_loss_coef': 0.0}
 
     def __init__(self, config):
         super().__init__(config)
-        self.renormalize = False
         self.jitter = config.switch_jitter
 
     def gate_logits(self, h):
@@ -379,9 +524,11 @@ class NoisyTopKRouter(TopKRouter):
 
     The noise scale is learned per token and per expert by its own Linear W_noise, and the
     noise is added in training only (in eval H = x W_g). Softmax over the kept k is
-    renormalize=True (the default). Balance: the paper's importance and load losses
-    (eqs. 6-10) are not implemented; the Switch loss (aux_loss_coef) on softmax(H) stands in.
+    renormalize=True (the default), top_k = 2. Losses: the paper's importance and load
+    losses (eqs. 6-10) are not implemented; the Switch loss (aux_loss_coef = 0.01) on
+    softmax(H) stands in. No z-loss (the paper has none).
     """
+    defaults = {**TopKRouter.defaults, 'z_loss_coef': 0.0}
 
     def __init__(self, config):
         super().__init__(config)
@@ -402,24 +549,19 @@ class ExpertChoiceRouter(Router):
         S = softmax(X W_g) over experts [N, E];  each expert takes its top-C tokens by S,
         C = N * capacity_factor / E;  weight of (token t, expert e) = S_te
 
-    Perfectly balanced by construction (no balance loss); a token may get 0 to E experts,
-    capacity_factor of them on average (default 2, the paper's EC-CF2; eval uses
-    eval_capacity_factor, by default the same).
+    Perfectly balanced by construction: no balance loss (aux_loss_coef is fixed at 0) and
+    no z-loss, as in the paper. A token may get 0 to E experts, capacity_factor of them on
+    average (default 2, the paper's EC-CF2; eval uses eval_capacity_factor, by default the
+    same). There is no top_k: giving one is an error.
 
     NOT CAUSAL: an expert picks among all N = B*T tokens of the batch, so whether an early
     token is picked depends on the later tokens (and on the other sequences). A decoder
     trained this way sees the future through the routing; its val loss is not comparable
     with the causal routers', and generation token by token differs from training.
     """
-    token_choice = False
-    variable_k = True
-    default_config = {'capacity_factor': 2.0}
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.capacity_factor = config.capacity_factor
-        self.eval_capacity_factor = config.eval_capacity_factor
-        self.experts_per_token = config.capacity_factor  # on average; model.get_num_active_params
+    fixed = {'top_k': None, 'aux_loss_coef': 0.0}
+    defaults = {'capacity_factor': 2.0, 'z_loss_coef': 0.0}
+    exactly_top_k = False
 
     def forward(self, h, token_ids=None, seq_len=None):
         logits = self.gate_logits(h)
@@ -430,8 +572,9 @@ class ExpertChoiceRouter(Router):
         weight, token_idx = torch.topk(probs.t(), capacity, dim=1)  # [E, C]: each expert's C best tokens
         expert_idx = torch.arange(self.n_exp, device=h.device).repeat_interleave(capacity)
         losses = self.standard_losses(logits, None, expert_idx)
+        # the capacity bounds each expert's load already: nothing to drop
         return Routing(token_idx.reshape(-1), expert_idx, weight.reshape(-1), logits.detach(), losses,
-                       n_requested=expert_idx.numel())
+                       gate_weight=self.gate.weight.detach())
 
 
 def sequence_balance_loss(scores, topk_idx, seq_len):
@@ -441,7 +584,8 @@ def sequence_balance_loss(scores, topk_idx, seq_len):
         L = sum_i f_i P_i,  f_i = E / (k T) * (number of the T tokens with i in their top-k)
                             P_i = (1/T) sum_t s_ti / sum_j s_tj
 
-    scores [N, E]: the sigmoid affinities, tokens in sequence order; topk_idx [N, k].
+    scores [N, E]: the sigmoid affinities, tokens in sequence order; topk_idx [N, k]: the
+    top-k of the scores themselves (eq. 18), not the bias-chosen experts.
     Equals 1 when both are uniform; the gradient flows through P only."""
     N, n_exp = scores.shape
     k = topk_idx.size(1)
@@ -461,13 +605,18 @@ class AuxFreeRouter(Router):
         after each optimizer step: b_i += gamma * sign(mean load - load_i)         (sec. 2.1.2)
 
     b is a buffer (no gradient; checkpointed, broadcast under DDP) updated from the load of
-    the whole global batch by update_after_step. gamma = aux_free_update_rate, 0.001
-    (DeepSeek-V3 sec. 4.2; Loss-Free Balancing's u). No Switch balance loss; instead the
-    optional sequence-wise loss of eqs. 17-20 with alpha = aux_free_seq_loss_coef, default
-    1e-4 (DeepSeek-V3 sec. 4.2; 0 = Loss-Free Balancing's pure form). aux_free_scale
-    multiplies the weights (DeepSeek-V3's released config uses 2.5; default 1.0 so the
-    weights sum to 1 like topk's). Routing.logits are the pre-sigmoid scores.
+    the whole global batch by step_finished. gamma = aux_free_update_rate, 0.001
+    (DeepSeek-V3 sec. 4.2; Loss-Free Balancing's u). top_k = 2 by default.
+    Losses: no Switch balance loss (fixed at 0: the bias balances) and no z-loss (neither
+    paper has one); only the optional sequence-wise loss of eqs. 17-20 with alpha =
+    aux_free_seq_loss_coef, default 1e-4 (DeepSeek-V3 sec. 4.2; 0 = Loss-Free Balancing's
+    pure form). aux_free_scale multiplies the weights (DeepSeek-V3's released config uses
+    2.5; default 1.0 so the weights sum to 1 like topk's). Routing.logits are the
+    pre-sigmoid scores.
     """
+    fixed = {'aux_loss_coef': 0.0}
+    defaults = {'top_k': 2, 'z_loss_coef': 0.0}
+    loss_settings = Router.loss_settings + ('aux_free_seq_loss_coef',)
 
     def __init__(self, config):
         super().__init__(config)
@@ -488,10 +637,11 @@ class AuxFreeRouter(Router):
             # eq. 18 counts the top-k of the affinities themselves: the bias is not in f
             _, unbiased_topk_idx = torch.topk(scores, self.top_k, dim=-1)
             losses['seq_aux'] = self.seq_loss_coef * sequence_balance_loss(scores, unbiased_topk_idx, seq_len or h.size(0))
-        return Routing(token_idx, expert_idx, weight, logits.detach(), losses, n_requested=expert_idx.numel())
+        routing = Routing(token_idx, expert_idx, weight, logits.detach(), losses, gate_weight=self.gate.weight.detach())
+        return self.drop_over_capacity(routing)
 
     @torch.no_grad()
-    def update_after_step(self, load_counts):
+    def step_finished(self, iter_num, load_counts):
         load = load_counts.to(self.expert_bias.device, torch.float32)
         # overloaded experts (load above the mean) lose bias, underloaded ones gain it
         self.expert_bias += self.update_rate * torch.sign(load.mean() - load)
@@ -500,12 +650,13 @@ class AuxFreeRouter(Router):
 class HashRouter(Router):
     """Hash layers (Roller et al. 2021, arXiv 2106.04426, "Random Hash"): a fixed
     random map from token id to expert, drawn once from a generator seeded with hash_seed
-    and stored as a buffer; top-1 with weight 1.0; nothing is learned and there is no loss.
-    A lower bound for learned routers. Every MoE layer gets the same map (same seed).
+    and stored as a buffer; top-1 with weight 1.0; nothing is learned and there is no
+    loss (every loss coefficient is fixed at 0). A lower bound for learned routers. Every
+    MoE layer gets the same map (same seed).
     Routing.logits are honest one-hot scores: 0 for the hashed expert, -1e4 (log 0 for
     practical purposes) elsewhere, so the metrics see a router with entropy 0.
     """
-    fixed_config = {'top_k': 1}
+    fixed = {'top_k': 1, 'aux_loss_coef': 0.0, 'z_loss_coef': 0.0, 'var_loss_coef': 0.0, 'ortho_loss_coef': 0.0}
 
     def __init__(self, config):
         super().__init__(config, learned_gate=False)
@@ -520,7 +671,7 @@ class HashRouter(Router):
         token_idx = torch.arange(N, device=h.device)
         weight = torch.ones(N, device=h.device)
         logits = torch.full((N, self.n_exp), -1e4, device=h.device).scatter_(1, expert_idx.unsqueeze(1), 0.0)
-        return Routing(token_idx, expert_idx, weight, logits, {}, n_requested=N)
+        return self.drop_over_capacity(Routing(token_idx, expert_idx, weight, logits))
 
 
 ROUTERS = {
@@ -536,6 +687,6 @@ ROUTERS = {
 
 
 def build_router(config):
-    if config.router not in ROUTERS:
-        raise ValueError(f"unknown router {config.router!r}; available: {', '.join(sorted(ROUTERS))}")
+    """The router of one MoE layer, from the model's GPTConfig: its RouterConfig fields,
+    plus n_embd (the gate's width) and vocab_size (hash)."""
     return ROUTERS[config.router](config)

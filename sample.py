@@ -6,14 +6,13 @@ $ python sample.py --out_dir=out --start="12+7=" --show_experts=True
 """
 
 import os
-import pickle
 import sys
-from contextlib import nullcontext
 
 import torch
 
 from configurator import ConfigError, apply_overrides
 from model import GPT, GPTConfig
+from system import autocast_context, device_type_of, load_meta, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where train.py wrote ckpt.pt
@@ -21,7 +20,7 @@ start = '\n'  # prompt, or "FILE:prompt.txt" to read it from a file
 num_samples = 3
 max_new_tokens = 300
 temperature = 0.8  # < 1 sharper, > 1 more random
-top_k = 200  # sample among the top_k most likely tokens only
+top_tokens = 200  # sample among the top_tokens most likely tokens only (nanoGPT's top_k)
 show_experts = False  # print, under each generated token, the top expert of every MoE layer
 seed = 1337
 device = 'auto'  # 'auto' = cuda > mps > cpu
@@ -42,13 +41,12 @@ except ConfigError as e:
     fail(e)
 globals().update(overrides)
 
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else ('mps' if torch.backends.mps.is_available() else 'cpu')
-device_type = 'cuda' if 'cuda' in device else ('mps' if 'mps' in device else 'cpu')
-if dtype == 'auto':
-    dtype = ('bfloat16' if torch.cuda.is_bf16_supported() else 'float16') if device_type == 'cuda' else 'float32'
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if device_type != 'cuda' or dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+try:
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device_type_of(device))
+except ValueError as e:
+    fail(e)
+ctx = autocast_context(device_type_of(device), dtype)
 torch.manual_seed(seed)
 
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
@@ -56,9 +54,7 @@ if not os.path.exists(ckpt_path):
     fail(f"no checkpoint at {ckpt_path}; train first (python train.py) or pass --out_dir")
 checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
 model = GPT(GPTConfig(**checkpoint['model_args']))
-model.load_state_dict(checkpoint['model'])
-for _, moe in model.moe_layers():
-    moe.router.set_iter(checkpoint['iter_num'])  # route as at the checkpoint (GatePro's window)
+model.load_state_dict(checkpoint['model'])  # routers' state included (GatePro's step count, DeepSeek-V3's bias)
 model.eval()
 model.to(device)
 if compile:
@@ -68,11 +64,7 @@ if compile:
 train_config = checkpoint.get('config', {})
 repo_dir = os.path.dirname(os.path.abspath(__file__))
 data_dir = train_config.get('data_dir') or os.path.join(repo_dir, 'data', train_config.get('dataset', ''))
-meta_path = os.path.join(data_dir, 'meta.pkl')
-meta = None
-if os.path.exists(meta_path):
-    with open(meta_path, 'rb') as f:
-        meta = pickle.load(f)
+meta = load_meta(data_dir)
 if meta is not None and 'stoi' in meta:
     stoi, itos = meta['stoi'], meta['itos']
     unknown = sorted(set(c for c in start if c not in stoi))
@@ -116,7 +108,7 @@ def show_routing(tokens, experts, width=80):
 
 with torch.no_grad(), ctx:
     for _ in range(num_samples):
-        y, experts = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k, return_experts=True)
+        y, experts = model.generate(x, max_new_tokens, temperature=temperature, top_tokens=top_tokens, return_experts=True)
         if not show_experts:
             print(decode(y[0].tolist()))
         else:

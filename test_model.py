@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, MoE, Experts, ExpertLoop, GPTConfig, grouped_mm
+from model import GPT, MoE, GPTConfig
 from routers import expert_capacity, ortho_loss
 
 
 def tiny_config(**overrides):
-    args = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=32, n_exp=4, top_k=2, dropout=0.0)
+    args = dict(vocab_size=37, block_size=16, n_layer=2, n_head=2, n_embd=32, n_exp=4, dropout=0.0)
     args.update(overrides)
     return GPTConfig(**args)
 
@@ -32,10 +32,15 @@ def naive_moe(moe, x, capacity_factor=None):
     and one expert at a time, plus the shared experts."""
     B, T, C = x.shape
     h = x.reshape(B * T, C)
-    routing = moe.router(h)
+    router = moe.router
+    saved = router.capacity_factor, router.eval_capacity_factor
+    if router.exactly_top_k:  # token choice: every pair the router asks for, dropped by hand below
+        router.capacity_factor = router.eval_capacity_factor = None
+    routing = router(h)
+    router.capacity_factor, router.eval_capacity_factor = saved
     keep = [True] * routing.n_pairs
     if capacity_factor is not None:
-        keep = naive_keep(routing.expert_idx, moe.n_exp, expert_capacity(B * T, moe.n_exp, moe.top_k, capacity_factor))
+        keep = naive_keep(routing.expert_idx, moe.n_exp, expert_capacity(B * T, moe.n_exp, router.top_k, capacity_factor))
     y = torch.zeros_like(h)
     for p in range(routing.n_pairs):
         if not keep[p]:
@@ -59,7 +64,7 @@ def test_moe_matches_naive_reference(overrides):
     torch.manual_seed(0)
     moe = MoE(tiny_config(**overrides)).eval()
     x = torch.randn(3, 7, 32)
-    y, routing = moe(x)
+    y, routing, _ = moe(x)
     y_ref, n_kept = naive_moe(moe, x)
     assert routing.n_pairs == n_kept
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
@@ -74,7 +79,7 @@ def test_moe_with_capacity_matches_naive_reference(capacity_factor):
     with torch.no_grad():
         moe.router.gate.weight[0] += 0.1
     x = torch.randn(4, 8, 32) + 0.5
-    y, routing = moe(x)
+    y, routing, _ = moe(x)
     y_ref, n_kept = naive_moe(moe, x, capacity_factor)
     assert routing.n_pairs == n_kept
     assert routing.n_pairs < routing.n_requested  # something was dropped
@@ -86,7 +91,7 @@ def test_dropped_token_keeps_its_residual():
     config = tiny_config(top_k=1, capacity_factor=0.25)
     moe = MoE(config).train()
     x = torch.randn(1, 16, 32)
-    y, routing = moe(x)
+    y, routing, _ = moe(x)
     routed = set(routing.token_idx.tolist())
     dropped = [t for t in range(16) if t not in routed]
     assert dropped, "capacity 0.25 with 16 tokens and 4 experts must drop some tokens"
@@ -98,67 +103,10 @@ def test_eval_capacity_factor_is_used_in_eval():
     config = tiny_config(capacity_factor=0.5, eval_capacity_factor=4.0)
     moe = MoE(config)
     x = torch.randn(2, 8, 32)
-    _, routing_train = moe.train()(x)
-    _, routing_eval = moe.eval()(x)
+    _, routing_train, _ = moe.train()(x)
+    _, routing_eval, _ = moe.eval()(x)
     assert routing_eval.n_pairs == routing_eval.n_requested  # 4.0 never drops with 4 experts
     assert routing_train.n_pairs <= expert_capacity(16, 4, 2, 0.5) * 4
-
-
-def expert_inputs(dtype=torch.float32, d=32, h=48):
-    """Experts of a tiny config and sorted rows for them: groups of 5, 0, 9 and 1 rows (one
-    expert without tokens, sizes that are not multiples of the grouped GEMM's alignment)."""
-    torch.manual_seed(6)
-    experts = Experts(tiny_config(n_embd=d, n_head=1, expert_hidden=h))
-    counts = torch.tensor([5, 0, 9, 1])
-    x = torch.randn(int(counts.sum()), d, dtype=dtype, requires_grad=True)
-    return experts, x, counts
-
-
-def test_expert_loop_gradients():
-    """ExpertLoop's hand-written backward against finite differences, in float64."""
-    experts, x, counts = expert_inputs(torch.float64, d=8, h=12)
-    w_fc = experts.w_fc.detach().double().requires_grad_()
-    w_proj = experts.w_proj.detach().double().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x, a, b: ExpertLoop.apply(x, a, b, counts), (x, w_fc, w_proj))
-
-
-def test_expert_loop_matches_autograd():
-    experts, x, counts = expert_inputs()
-    y = experts(x, counts)
-    y.backward(torch.ones_like(y))
-    grads = [x.grad, experts.w_fc.grad, experts.w_proj.grad]
-    x2 = x.detach().requires_grad_()
-    w_fc, w_proj = (experts.w_fc.detach().requires_grad_(), experts.w_proj.detach().requires_grad_())
-    y_ref = torch.cat([F.gelu(x_e @ w_fc[e]) @ w_proj[e] for e, x_e in enumerate(x2.split(counts.tolist()))])
-    y_ref.sum().backward()
-    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-5)
-    for grad, grad_ref in zip(grads, [x2.grad, w_fc.grad, w_proj.grad]):
-        torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-5)
-    assert torch.all(experts.w_fc.grad[1] == 0)  # the expert without tokens
-
-
-@pytest.mark.skipif(grouped_mm is None, reason=f"torch {torch.__version__} has no grouped_mm")
-def test_grouped_experts_match_loop():
-    """expert_impl='grouped' (bf16 grouped GEMM, groups padded to 8 rows) against the loop run
-    in bf16 too (CPU autocast), forward and gradients. torch's CPU grouped_mm is a loop of
-    matmuls, so this checks the padding and the plumbing; the CUDA kernel is not run here."""
-    experts, x, counts = expert_inputs()
-    results = {}
-    for impl in ('loop', 'grouped'):
-        experts.impl = impl
-        x_impl = x.detach().requires_grad_()
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=(impl == 'loop')):
-            y = experts(x_impl, counts)
-        y.float().sum().backward()  # a broadcast gradient, which the grouped GEMM's backward rejects
-        results[impl] = [y.float(), x_impl.grad, experts.w_fc.grad, experts.w_proj.grad]
-        experts.zero_grad(set_to_none=True)
-    for got, expected in zip(results['grouped'], results['loop']):
-        torch.testing.assert_close(got, expected, atol=2e-2, rtol=2e-2)
-
-
-def test_expert_impl_auto_is_loop_on_cpu():
-    experts, x, _ = expert_inputs()
-    assert experts.impl == 'auto' and experts.resolve_impl(x) == 'loop'
 
 
 def test_token_choice_model_is_causal():
@@ -167,8 +115,8 @@ def test_token_choice_model_is_causal():
     idx = torch.randint(0, 37, (2, 16))
     changed = idx.clone()
     changed[:, 10:] = torch.randint(0, 37, (2, 6))
-    logits_a, _, _ = model(idx, idx)  # targets given: logits for every position
-    logits_b, _, _ = model(changed, changed)
+    logits_a = model(idx, idx)[0]  # targets given: logits for every position
+    logits_b = model(changed, changed)[0]
     # not bit-exact: the experts' matmuls see groups of other sizes, which changes the
     # order of float additions (~1e-8); a leak would move the logits by ~1e-2
     torch.testing.assert_close(logits_a[:, :10], logits_b[:, :10], atol=1e-6, rtol=0)
@@ -183,8 +131,8 @@ def test_expert_choice_model_is_not_causal():
     idx = torch.randint(0, 37, (2, 16))
     changed = idx.clone()
     changed[:, 10:] = torch.randint(0, 37, (2, 6))
-    logits_a, _, _ = model(idx, idx)
-    logits_b, _, _ = model(changed, changed)
+    logits_a = model(idx, idx)[0]
+    logits_b = model(changed, changed)[0]
     assert (logits_a[:, :10] - logits_b[:, :10]).abs().max() > 1e-3
 
 
@@ -194,13 +142,14 @@ def test_ortho_loss_pairs_each_tokens_own_expert_outputs():
     torch.manual_seed(6)
     moe = MoE(tiny_config(n_exp=4, top_k=3, ortho_loss_coef=0.5)).train()
     x = torch.randn(2, 5, 32)
-    _, routing = moe(x)
+    _, routing, losses = moe(x)
+    assert 'ortho' not in routing.losses  # the layer does not edit what the router returned
     h = x.reshape(10, 32)
     chosen = routing.expert_idx.view(3, 10).t()  # choice-major pairs: [k, N] -> [N, k]
     out = torch.stack([torch.stack([F.gelu(h[t] @ moe.experts.w_fc[e]) @ moe.experts.w_proj[e] for e in chosen[t].tolist()])
                        for t in range(10)])
-    torch.testing.assert_close(routing.losses['ortho'], 0.5 * ortho_loss(out, 1e-6))
-    routing.losses['ortho'].backward()
+    torch.testing.assert_close(losses['ortho'], 0.5 * ortho_loss(out, 1e-6))
+    losses['ortho'].backward()
     assert moe.experts.w_fc.grad.abs().sum() > 0  # L_o trains the experts
 
 
@@ -208,15 +157,17 @@ def test_hash_model_routes_by_token_id():
     torch.manual_seed(7)
     model = GPT(tiny_config(router='hash'))
     idx = torch.randint(0, 37, (2, 8))
-    _, loss, routings = model(idx, idx)
+    _, lm_loss, router_losses, routings = model(idx, idx)
     expected = model.transformer.h[0].ffn.router.expert_of_token[idx.reshape(-1)]
     assert torch.equal(routings[0].expert_idx, expected)
-    assert torch.isfinite(loss)
+    assert torch.isfinite(lm_loss) and router_losses == {}
 
 
 def test_expert_hidden_default_matches_dense_active_compute():
     # dense MLP: d -> 4d -> d. top-k experts of width 4d/k: the same multiply-adds per token
     assert tiny_config(top_k=2).expert_hidden == 64
+    assert tiny_config(router='switch').expert_hidden == 128  # top-1
+    assert tiny_config(router='expert_choice', capacity_factor=4.0).expert_hidden == 32  # 4 experts per token on average
     assert tiny_config(top_k=1).expert_hidden == 128
     assert tiny_config(top_k=1, n_shared_exp=1).expert_hidden == 64
     assert tiny_config(expert_hidden=50).expert_hidden == 50
@@ -235,24 +186,25 @@ def test_dense_model_when_n_exp_is_one():
     model = GPT(tiny_config(n_exp=1))
     assert model.moe_layers() == []
     idx = torch.randint(0, 37, (2, 8))
-    logits, loss, routings = model(idx, idx)
-    assert routings == {}
-    assert abs(loss.item() - math.log(37)) < 0.5  # near-uniform predictions at init
+    logits, lm_loss, router_losses, routings = model(idx, idx)
+    assert routings == {} and router_losses == {}
+    assert abs(lm_loss.item() - math.log(37)) < 0.5  # near-uniform predictions at init
 
 
-def test_router_losses_are_added_to_the_loss():
+def test_lm_loss_and_router_losses_come_back_separately():
     torch.manual_seed(4)
     model = GPT(tiny_config(aux_loss_coef=0.5, z_loss_coef=0.25))
     idx = torch.randint(0, 37, (2, 8))
-    logits, loss, routings = model(idx, idx)
-    lm_loss = F.cross_entropy(logits.view(-1, 37), idx.view(-1))
-    router_total = sum(v for r in routings.values() for v in r.losses.values())
-    assert len(routings) == 2 and all(set(r.losses) == {'aux', 'z'} for r in routings.values())
-    torch.testing.assert_close(loss, lm_loss + router_total)
+    logits, lm_loss, router_losses, routings = model(idx, idx)
+    torch.testing.assert_close(lm_loss, F.cross_entropy(logits.view(-1, 37), idx.view(-1)))
+    assert len(routings) == 2 and set(router_losses) == {'aux', 'z'}
+    for name in ('aux', 'z'):  # each summed over the two MoE layers
+        torch.testing.assert_close(router_losses[name], routings[0].losses[name] + routings[1].losses[name])
 
 
 @pytest.mark.parametrize('bad, message', [
     (dict(top_k=5, n_exp=4), 'top_k=5'),
+    (dict(router='switch', top_k=2), "router 'switch' needs top_k=1"),
     (dict(n_embd=30, n_head=4), 'n_embd=30'),
     (dict(router='nope'), 'available: '),
     (dict(capacity_factor=0.0), 'capacity_factor=0.0'),

@@ -14,7 +14,7 @@ from routers import (ROUTERS, Routing, build_router, capacity_keep_mask, expert_
 
 
 def router_config(**overrides):
-    args = dict(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=8, n_exp=4, top_k=2)
+    args = dict(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=8, n_exp=4)
     args.update(overrides)
     return GPTConfig(**args)
 
@@ -254,17 +254,29 @@ def test_gatepro_equals_topk_exactly_outside_the_window():
     config = router_config(router='gatepro', n_exp=8, gatepro_start_iter=5, gatepro_end_iter=10)
     gatepro = build_router(config)
     topk = build_router(router_config(n_exp=8))
-    topk.load_state_dict(gatepro.state_dict())
+    topk.gate.load_state_dict(gatepro.gate.state_dict())
     h = torch.randn(64, 8)
     reference = topk(h)
     for iter_num, competing in [(0, False), (4, False), (5, True), (9, True), (10, False), (100, False)]:
-        gatepro.set_iter(iter_num)
+        gatepro.iter_num = iter_num
         r = gatepro(h)
         same = torch.equal(r.expert_idx, reference.expert_idx) and torch.equal(r.weight, reference.weight)
         assert same != competing, iter_num
         if not competing:
             assert r.losses.keys() == reference.losses.keys()
             assert all(torch.equal(r.losses[name], reference.losses[name]) for name in r.losses)
+
+
+def test_gatepro_counts_its_steps_and_keeps_the_count_in_its_state():
+    config = router_config(router='gatepro', n_exp=8, gatepro_start_iter=3)
+    router = build_router(config)
+    assert router.iter_num == 0 and not router.competing()
+    for iter_num in range(3):  # what the training loop does after each optimizer step
+        router.step_finished(iter_num, torch.zeros(8))
+    assert router.iter_num == 3 and router.competing()
+    resumed = build_router(config)
+    resumed.load_state_dict(router.state_dict())  # as a checkpoint brings it back
+    assert resumed.iter_num == 3 and resumed.competing()
 
 
 def test_gatepro_balance_loss_uses_unpenalised_probs_and_actual_assignments():
@@ -390,7 +402,7 @@ def test_expert_choice_is_not_causal_at_the_router():
 def test_expert_choice_defaults():
     config = router_config(router='expert_choice')
     assert config.capacity_factor == config.eval_capacity_factor == 2.0  # EC-CF2
-    assert build_router(config).experts_per_token == 2.0
+    assert config.experts_per_token == 2.0 and config.top_k is None
 
 
 # -----------------------------------------------------------------------------
@@ -415,7 +427,7 @@ def test_aux_free_by_hand():
 def test_aux_free_bias_update_by_hand():
     router = build_router(router_config(router='aux_free', n_exp=3, aux_free_update_rate=0.5))
     # counts (6, 2, 4): mean 4, sign(mean - load) = (-1, +1, 0)
-    router.update_after_step(torch.tensor([6, 2, 4]))
+    router.step_finished(0, torch.tensor([6, 2, 4]))
     assert router.expert_bias.tolist() == [-0.5, 0.5, 0.0]
     assert 'expert_bias' in router.state_dict()  # checkpointed with the model
     assert not router.expert_bias.requires_grad
@@ -437,7 +449,7 @@ def test_aux_free_bias_updates_drive_max_vio_down():
 
     first = max_vio(load())
     for _ in range(40):
-        router.update_after_step(load())
+        router.step_finished(0, load())
     assert first > 2.0 and max_vio(load()) < 0.25 * first
 
 
@@ -495,6 +507,49 @@ def test_hash_map_is_fixed_by_its_seed():
 # config: what the routers fix, fill in and refuse
 
 
+@pytest.mark.parametrize('name, losses', [
+    ('topk', {'aux_loss_coef': 0.01, 'z_loss_coef': 0.001}),          # OLMoE's two
+    ('gatepro', {'aux_loss_coef': 0.01, 'z_loss_coef': 0.001}),       # topk's: GatePro adds none
+    ('ortho_var', {'aux_loss_coef': 0.01, 'z_loss_coef': 0.001, 'ortho_loss_coef': 0.1, 'var_loss_coef': 0.3}),
+    ('switch', {'aux_loss_coef': 0.01}),                              # Switch: no z-loss yet
+    ('noisy_topk', {'aux_loss_coef': 0.01}),                          # stand-in for importance/load
+    ('expert_choice', {}),                                            # balanced by construction
+    ('aux_free', {'aux_free_seq_loss_coef': 1e-4}),                   # DeepSeek-V3: the bias, no z-loss
+    ('hash', {}),                                                     # nothing learned
+])
+def test_each_router_trains_with_its_papers_losses_by_default(name, losses):
+    config = router_config(router=name)
+    coefs = {key: getattr(config, key) for key in ('aux_loss_coef', 'z_loss_coef', 'ortho_loss_coef', 'var_loss_coef')}
+    coefs['aux_free_seq_loss_coef'] = config.aux_free_seq_loss_coef if name == 'aux_free' else 0.0
+    assert {key: value for key, value in coefs.items() if value} == losses
+    # and the losses the router returns are exactly those
+    torch.manual_seed(0)
+    router = build_router(config).train()
+    r = router(torch.randn(8, 8), torch.randint(0, 50, (8,)), seq_len=4)
+    names = {'aux_loss_coef': 'aux', 'z_loss_coef': 'z', 'var_loss_coef': 'var', 'aux_free_seq_loss_coef': 'seq_aux'}
+    assert set(r.losses) == {names[key] for key in losses if key in names}  # ortho comes after the experts
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(router='switch', top_k=2), "router 'switch' needs top_k=1, got top_k=2"),
+    (dict(router='switch', renormalize=True), "needs renormalize=False"),
+    (dict(router='hash', top_k=2), "router 'hash' needs top_k=1"),
+    (dict(router='hash', z_loss_coef=0.001), "needs z_loss_coef=0.0"),
+    (dict(router='expert_choice', top_k=2), "needs top_k=None"),
+    (dict(router='aux_free', aux_loss_coef=0.01), "router 'aux_free' needs aux_loss_coef=0.0"),
+])
+def test_a_value_that_contradicts_what_a_router_fixes_is_an_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        router_config(**bad)
+
+
+def test_user_values_win_over_a_routers_defaults():
+    config = router_config(router='switch', top_k=1, z_loss_coef=0.001, capacity_factor=None)
+    assert (config.top_k, config.z_loss_coef) == (1, 0.001)
+    assert config.capacity_factor == 1.25  # None is "the router's default"
+    assert router_config(router='aux_free', z_loss_coef=0.002).z_loss_coef == 0.002
+
+
 def test_ortho_var_preset_turns_both_losses_on():
     config = router_config(router='ortho_var')
     assert config.ortho_loss_coef > 0 and config.var_loss_coef > 0
@@ -506,7 +561,7 @@ def test_ortho_var_preset_turns_both_losses_on():
 
 @pytest.mark.parametrize('bad, message', [
     (dict(router='switch'), 'top_k=1'),
-    (dict(router='hash'), 'top_k=1'),
+    (dict(router='hash'), 'needs ortho_loss_coef=0.0'),
     (dict(router='expert_choice'), 'exactly top_k'),
     (dict(capacity_factor=1.25), 'dropless'),
 ])
@@ -540,12 +595,18 @@ def test_router_contract(name):
     assert r.token_idx.min() >= 0 and r.token_idx.max() < N
     assert r.expert_idx.min() >= 0 and r.expert_idx.max() < E
     assert (r.weight >= 0).all()
-    if getattr(router, 'token_choice', True) and not getattr(router, 'variable_k', False):
-        # token choice: exactly k distinct experts for every token
-        assert P == N * config.top_k
+    if router.exactly_top_k:
+        # token choice: exactly k distinct experts for every token, some dropped by capacity
+        assert r.n_requested == N * config.top_k
         pairs = set(zip(r.token_idx.tolist(), r.expert_idx.tolist()))
         assert len(pairs) == P
-        assert torch.bincount(r.token_idx, minlength=N).tolist() == [config.top_k] * N
+        per_token = torch.bincount(r.token_idx, minlength=N)
+        if config.capacity_factor is None:
+            assert per_token.tolist() == [config.top_k] * N
+        else:
+            capacity = expert_capacity(N, E, config.top_k, config.capacity_factor)
+            assert (per_token <= config.top_k).all() and P < N * config.top_k
+            assert torch.bincount(r.expert_idx, minlength=E).max() <= capacity
     # gradient reaches the router's parameters through the gate weights (and losses)
     params = [p for p in router.parameters() if p.requires_grad]
     if params:

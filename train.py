@@ -10,16 +10,15 @@ $ torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_cha
 
 Every setting below is a config key. A bare argument is a config file (config/*.py),
 --key=value overrides one key; an unknown key or a value of the wrong type is an error.
-The model keys (n_exp, top_k, router, ...) are the fields of GPTConfig in model.py.
+The model keys are the fields of GPTConfig in model.py, and the routing keys (router,
+n_exp, top_k, loss coefficients, each router's knobs) those of RouterConfig in routers.py.
 """
 
 import json
 import math
 import os
-import pickle
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -30,8 +29,8 @@ from tqdm import tqdm
 
 from configurator import ConfigError, apply_overrides
 from metrics import RoutingStats, format_routing_table
-from model import GPT, GPTConfig, keep_freed_memory_on_cpu
-from routers import ROUTERS, Router
+from model import GPT, GPTConfig
+from system import autocast_context, device_type_of, keep_freed_memory_on_cpu, load_meta, pick_device, pick_dtype
 
 
 def fail(message):
@@ -60,14 +59,14 @@ data_dir = ''  # '' = data/<dataset>; set to read the .bin files from elsewhere
 gradient_accumulation_steps = 1
 batch_size = 16
 block_size = 128
-# model (more keys: every field of GPTConfig, see below)
+# model (more keys: every field of GPTConfig and RouterConfig, see below)
 n_layer = 4
 n_head = 4
 n_embd = 128
 dropout = 0.0
 bias = False
 n_exp = 8
-top_k = 2
+router = 'topk'  # top_k and the loss coefficients: the router's defaults (routers.py)
 # AdamW
 learning_rate = 2e-3
 max_iters = 600
@@ -105,23 +104,17 @@ config = {k: globals()[k] for k in config_keys}  # logged and checkpointed
 # check the settings before anything is written
 if init_from not in ('scratch', 'resume'):
     fail(f"init_from={init_from!r} must be 'scratch' or 'resume'")
-if dtype not in ('auto', 'float32', 'bfloat16', 'float16'):
-    fail(f"dtype={dtype!r} must be one of auto, float32, bfloat16, float16")
 for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_iters', 'log_interval', 'eval_interval'):
     if config[key] < 1:
         fail(f"{key}={config[key]} must be >= 1")
 
 # devices and DDP
 ddp = int(os.environ.get('RANK', -1)) != -1
-if device == 'auto':
-    if torch.cuda.is_available():
-        device = 'cuda'
-    elif torch.backends.mps.is_available():
-        device = 'mps'
-    else:
-        device = 'cpu'
-if device.startswith('cuda') and not torch.cuda.is_available():
-    fail(f"device={device!r} but CUDA is not available; use --device=cpu (or --device=auto)")
+try:
+    device = pick_device(device)
+    dtype = pick_dtype(dtype, device_type_of(device))
+except ValueError as e:
+    fail(e)
 if ddp:
     init_process_group(backend=backend if device.startswith('cuda') else 'gloo')
     ddp_rank = int(os.environ['RANK'])
@@ -140,21 +133,15 @@ else:
     master_process = True
     seed_offset = 0
     ddp_world_size = 1
-device_type = 'cuda' if 'cuda' in device else ('mps' if 'mps' in device else 'cpu')
-if dtype == 'auto':
-    if device_type == 'cuda':
-        dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    else:
-        dtype = 'float32'
+device_type = device_type_of(device)
 if device_type == 'cpu':
-    keep_freed_memory_on_cpu()  # else glibc returns big freed blocks to the OS every step (model.py)
+    keep_freed_memory_on_cpu()  # else glibc returns big freed blocks to the OS every step (system.py)
 tokens_per_iter = gradient_accumulation_steps * ddp_world_size * batch_size * block_size
 torch.manual_seed(seed + seed_offset)
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-ctx = nullcontext() if device_type != 'cuda' or dtype == 'float32' else torch.amp.autocast(device_type=device_type, dtype=ptdtype)
+ctx = autocast_context(device_type, dtype)
 
 # -----------------------------------------------------------------------------
 # data: nanoGPT's format, uint16 token ids in train.bin / val.bin, meta.pkl beside them
@@ -181,11 +168,8 @@ for split in ('train', 'val'):
     if n_tokens <= block_size + 1:
         fail(f"block_size={block_size} is longer than the {split} split of {dataset!r} ({n_tokens} tokens); "
              f"lower --block_size")
-meta_path = os.path.join(data_dir, 'meta.pkl')
-meta_vocab_size = None
-if os.path.exists(meta_path):
-    with open(meta_path, 'rb') as f:
-        meta_vocab_size = pickle.load(f)['vocab_size']
+meta = load_meta(data_dir)
+meta_vocab_size = meta['vocab_size'] if meta else None
 
 
 def get_batch(split):
@@ -236,7 +220,7 @@ if init_from == 'resume':
 model.to(device)
 
 scaler = torch.amp.GradScaler(device_type if device_type == 'cuda' else 'cpu', enabled=(dtype == 'float16'))
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 if init_from == 'resume':
     optimizer.load_state_dict(checkpoint['optimizer'])
 checkpoint = None  # free memory
@@ -248,10 +232,8 @@ if master_process:
         open(metrics_path, 'w').close()  # a new run starts a new log
     print(f"tokens per iteration: {tokens_per_iter:,}  device: {device}  dtype: {dtype}")
     print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, {model.get_num_active_params() / 1e6:.2f}M active per token")
-    # expert choice has no top-k: each expert takes capacity_factor * N / E tokens
-    per_token = f"top-{gptconf.top_k}" if ROUTERS[gptconf.router].token_choice else f"capacity factor {gptconf.capacity_factor}"
-    print(f"router: {gptconf.router}, {gptconf.n_exp} experts, {per_token}, "
-          f"MoE layers {[i for i, _ in model.moe_layers()]}")
+    if gptconf.use_moe:
+        print(f"router: {gptconf.describe()}; MoE layers {[i for i, _ in model.moe_layers()]}")
 
 raw_model = model
 if compile:
@@ -259,17 +241,6 @@ if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
-# routers with state that is not learned by gradient (DeepSeek-V3's bias) update after each step
-stateful_routers = [(layer, moe.router) for layer, moe in raw_model.moe_layers()
-                    if type(moe.router).update_after_step is not Router.update_after_step]
-
-
-# the routers' gate weights, for the GatePro metrics of the evaluation (metrics.py)
-gate_weights = {layer: moe.router.gate.weight for layer, moe in raw_model.moe_layers() if moe.router.gate is not None}
-
-
-def router_loss_total(routings):
-    return sum((v.detach() for r in routings.values() for v in r.losses.values()), torch.zeros((), device=device))
 
 
 @torch.no_grad()
@@ -285,9 +256,9 @@ def estimate_loss():
         for k in tqdm(range(eval_iters), desc=f"eval {split}", leave=False, disable=None if master_process else True):
             X, Y = get_batch(split)
             with ctx:
-                _, loss, routings = model(X, Y)
-            losses[k] = (loss - router_loss_total(routings)).item()
-            stats.add(routings, gate_weights=gate_weights)
+                _, lm_loss, router_losses, routings = model(X, Y)
+            losses[k] = lm_loss.item()
+            stats.add(routings, router_losses)
         out[split] = losses.mean().item()
     model.train()
     return out, stats
@@ -323,10 +294,6 @@ while True:
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
-    # routers that change with the step (GatePro's hot-swap window) learn it before every
-    # forward, evaluation included; after a resume this is the restored iter_num
-    for _, moe in raw_model.moe_layers():
-        moe.router.set_iter(iter_num)
 
     if iter_num % eval_interval == 0 and master_process:
         losses, val_stats = estimate_loss()
@@ -358,18 +325,17 @@ while True:
 
     # forward, backward, update; gradient accumulation simulates a larger batch
     log_step = iter_num % log_interval == 0 and master_process
-    step_stats = RoutingStats()
-    step_loss = torch.zeros((), device=device)
+    step_stats = RoutingStats()  # the routing of this step's batch: counts always, the rest on log steps
+    step_lm_loss = torch.zeros((), device=device)
     for micro_step in range(gradient_accumulation_steps):
         if ddp:
             # synchronise gradients only on the last micro-step
             model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
         with ctx:
-            logits, loss, routings = model(X, Y)
-            loss = loss / gradient_accumulation_steps
-        if log_step or stateful_routers:
-            step_stats.add(routings, full=log_step)
-        step_loss += loss.detach()
+            logits, lm_loss, router_losses, routings = model(X, Y)
+            loss = (lm_loss + sum(router_losses.values())) / gradient_accumulation_steps
+        step_stats.add(routings, router_losses, full=log_step)
+        step_lm_loss += lm_loss.detach() / gradient_accumulation_steps
         X, Y = get_batch('train')  # prefetch while the GPU works on backward
         scaler.scale(loss).backward()
     if grad_clip != 0.0:
@@ -378,19 +344,20 @@ while True:
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    for layer, router in stateful_routers:
-        counts = step_stats.counts(layer)
-        if ddp:
-            torch.distributed.all_reduce(counts)  # the load of the whole global batch
-        router.update_after_step(counts)
+    # the routers learn how the step went (DeepSeek-V3's bias, GatePro's step count)
+    load_counts = step_stats.load_counts()
+    if ddp and load_counts:
+        all_counts = torch.stack([load_counts[layer] for layer in sorted(load_counts)])
+        torch.distributed.all_reduce(all_counts)  # the load of the whole global batch
+        load_counts = dict(zip(sorted(load_counts), all_counts))
+    raw_model.step_finished(iter_num, load_counts)
 
     t1 = time.time()
     dt = t1 - t0
     t0 = t1
     if log_step:
         router_losses = step_stats.loss_summary()
-        total = step_loss.item()
-        lm_loss = total - sum(router_losses.values())
+        lm_loss = step_lm_loss.item()
         if local_iter_num >= 5:  # let the training loop settle a bit
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu

@@ -24,13 +24,11 @@ n_head = 4
 n_embd = 192
 dropout = 0.1
 
-# 8 experts, top-2, each expert half the dense MLP's width: the active FFN compute per
-# token equals the dense twin's (config/train_shakespeare_char_dense.py)
+# 8 experts, top-2 (topk's default), each expert half the dense MLP's width: the active
+# FFN compute per token equals the dense twin's (config/train_shakespeare_char_dense.py).
+# top_k and the loss coefficients are left to the router: --router=switch is then top-1.
 n_exp = 8
-top_k = 2
 router = 'topk'
-aux_loss_coef = 0.01
-z_loss_coef = 0.001
 
 learning_rate = 1e-3  # a small model can take a large step
 max_iters = 3000
