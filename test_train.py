@@ -159,6 +159,7 @@ def test_resume_errors_write_nothing(data_dir, tmp_path):
     (['--n_embd=33'], ['n_embd=33', 'n_head=2']),
     (['--block_size=5000'], ['block_size=5000', 'lower --block_size']),
     (['--router=nope'], ["unknown router 'nope'", 'topk']),
+    (['--router=switch'], ["router 'switch' needs top_k=1, got top_k=2", 'drop --top_k']),  # TINY sets top_k=2
     (['--lerning_rate=0.1'], ["'lerning_rate'", 'learning_rate']),
     (['--max_iters=ten'], ['max_iters expects int', "'ten'"]),
     (['--init_from=resume'], ['ckpt.pt does not exist']),
