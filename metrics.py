@@ -60,59 +60,155 @@ def pair_coactivation(token_idx, expert_idx, partner, n_tokens):
     return (selected & selected[:, partner]).float().mean()
 
 
-class RoutingStats:
-    """Running totals per MoE layer over the forward passes given to add()."""
+def gate_angle(similarity):
+    """Mean angle in degrees between different rows of W_g, arccos S_ij over i < j, from their
+    cosine similarity matrix S [E, E] (GatePro, arXiv 2510.13079, App. C): 90 = orthogonal."""
+    n_exp = similarity.size(0)
+    i, j = torch.triu_indices(n_exp, n_exp, offset=1, device=similarity.device)
+    return torch.rad2deg(torch.arccos(similarity[i, j].clamp(-1.0, 1.0))).mean()
 
-    def __init__(self):
+
+def gate_spectral_entropy(similarity):
+    """Entropy (nats) of the singular values of S [E, E], normalised to sum to 1 (GatePro,
+    arXiv 2510.13079, App. C): ln E when the gate rows are orthogonal (S = I), 0 when they
+    are all parallel (S of rank 1). Higher = more diverse experts."""
+    singular = torch.linalg.svdvals(similarity.float())
+    p = singular / singular.sum().clamp(min=1e-12)
+    p = p[p > 0]
+    return -(p * p.log()).sum()
+
+
+def expert_overlap(token_idx, expert_out, n_tokens):
+    """How alike the outputs of a token's selected experts are: for each token, the mean
+    |cos| between the raw outputs E_j(x_t) of its experts over its pairs of experts; returns
+    (sum of that over the tokens, number of tokens), or None unless every token has the same
+    k >= 2 experts (token choice without drops). The orthogonality loss of Guo et al. 2025
+    (arXiv 2505.22323) pushes it towards 0. expert_out [P, d], row p for pair p (token_idx[p])."""
+    per_token = torch.bincount(token_idx, minlength=n_tokens)
+    k = int(per_token[0])
+    if k < 2 or token_idx.numel() != k * n_tokens or not bool((per_token == k).all()):
+        return None
+    rows = F.normalize(expert_out[torch.argsort(token_idx, stable=True)].float(), dim=-1).view(n_tokens, k, -1)
+    cos = (rows @ rows.transpose(1, 2)).abs()  # [N, k, k]
+    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=cos.device)
+    return cos[:, off_diagonal].mean(dim=1).sum(), n_tokens
+
+
+def normalized_mutual_information(counts):
+    """NMI between two labels from their joint count table [A, B] (here: a token's top-1 expert
+    and its label): I(A; B) / ((H(A) + H(B)) / 2), in [0, 1]; 1 when each expert takes exactly
+    one label's tokens and each label goes to one expert, 0 when they are independent."""
+    joint = counts.double() / counts.sum().clamp(min=1)
+    p_a, p_b = joint.sum(dim=1), joint.sum(dim=0)
+    nonzero = joint > 0
+    mutual = (joint[nonzero] * (joint[nonzero] / (p_a[:, None] * p_b[None, :])[nonzero]).log()).sum()
+    entropy = lambda p: -(p[p > 0] * p[p > 0].log()).sum()
+    denominator = entropy(p_a) + entropy(p_b)
+    return float(2 * mutual / denominator) if denominator > 0 else 0.0
+
+
+CHARACTER_CLASSES = ['letter', 'digit', 'space', 'punctuation', 'newline']
+
+
+def character_class(ch):
+    """The label of a character for datasets without domain labels: its index in CHARACTER_CLASSES."""
+    if ch == '\n':
+        return 4
+    if ch.isalpha():
+        return 0
+    if ch.isdigit():
+        return 1
+    return 2 if ch.isspace() else 3
+
+
+class RoutingStats:
+    """Running totals per MoE layer over the forward passes given to add() (the micro-steps
+    of a training step, or the batches of an evaluation)."""
+
+    def __init__(self, label_names=None):
         self.layers = {}   # layer index -> dict of tensor totals
         self.losses = {}   # router loss name -> total over layers and passes
         self.n_passes = 0
+        self.label_names = label_names  # names of the token labels given to add(), for specialization
 
-    def add(self, routings, router_losses=None, full=True):
+    def add(self, routings, router_losses=None, full=True, labels=None):
         """routings: {layer: Routing} and router_losses: {name: scalar summed over layers}
         from one forward. full=False counts only the assignments (what the routers'
-        step_finished needs), skipping entropies and the gate metrics."""
+        step_finished needs), skipping everything else. labels [N]: a label id per token
+        (its domain, or its character class) for the expert x label table."""
         self.n_passes += 1
         for name, value in (router_losses or {}).items():
             self.losses[name] = self.losses.get(name, 0.0) + value.detach()
         for layer, routing in routings.items():
-            n_exp = routing.logits.size(-1)
-            totals = self.layers.setdefault(layer, {'counts': 0, 'n_requested': 0, 'n_pairs': 0,
+            n_exp, n_tokens = routing.logits.size(-1), routing.logits.size(0)
+            totals = self.layers.setdefault(layer, {'counts': 0, 'zero_per_pass': 0, 'n_requested': 0, 'n_pairs': 0,
                                                     'entropy_sum': 0.0, 'variance_sum': 0.0, 'n_tokens': 0})
-            totals['counts'] = totals['counts'] + expert_counts(routing.expert_idx, n_exp)
+            counts = expert_counts(routing.expert_idx, n_exp)
+            totals['counts'] = totals['counts'] + counts
+            totals['zero_per_pass'] = totals['zero_per_pass'] + (counts == 0).sum()
             totals['n_requested'] += routing.n_requested
             totals['n_pairs'] += routing.n_pairs
-            if full:
-                totals['entropy_sum'] = totals['entropy_sum'] + router_entropy(routing.logits).sum()
-                totals['variance_sum'] = totals['variance_sum'] + routing_variance(routing.logits).sum()
-                totals['n_tokens'] += routing.logits.size(0)
-            if full and routing.gate_weight is not None:
-                weight = routing.gate_weight
-                n_tokens = routing.logits.size(0)
+            if not full:
+                continue
+            totals['entropy_sum'] = totals['entropy_sum'] + router_entropy(routing.logits).sum()
+            totals['variance_sum'] = totals['variance_sum'] + routing_variance(routing.logits).sum()
+            totals['n_tokens'] += n_tokens
+            if routing.gate_weight is not None:
                 totals['coactivation_sum'] = totals.get('coactivation_sum', 0.0) + n_tokens * pair_coactivation(
-                    routing.token_idx, routing.expert_idx, gatepro_partners(weight), n_tokens)
-                totals['gate_cos_sim'] = gate_cos_sim(weight)  # the latest weights
+                    routing.token_idx, routing.expert_idx, gatepro_partners(routing.gate_weight), n_tokens)
+                totals['gate_weight'] = routing.gate_weight  # the latest weights
+            if routing.expert_out is not None:
+                overlap = expert_overlap(routing.token_idx, routing.expert_out, n_tokens)
+                if overlap is not None:
+                    totals['overlap_sum'] = totals.get('overlap_sum', 0.0) + overlap[0]
+                    totals['overlap_tokens'] = totals.get('overlap_tokens', 0) + overlap[1]
+            if labels is not None:
+                n_labels = len(self.label_names)
+                top = routing.top_expert(n_tokens)
+                picked = top >= 0  # a token without an expert (dropped) has no top-1
+                cell = top[picked] * n_labels + labels.reshape(-1)[picked]
+                table = torch.zeros(n_exp * n_labels, dtype=torch.long, device=cell.device).index_add_(
+                    0, cell, torch.ones_like(cell)).view(n_exp, n_labels)
+                totals['label_counts'] = totals.get('label_counts', 0) + table
 
     def load_counts(self):
         """{layer: [E] assignment counts} summed over the passes added so far."""
         return {layer: totals['counts'] for layer, totals in self.layers.items()}
 
+    def set_load_counts(self, load_counts):
+        """Replace the counts by those of the whole global batch (all-reduced under DDP)."""
+        for layer, counts in load_counts.items():
+            self.layers[layer]['counts'] = counts
+
     def loss_summary(self):
         """Mean per forward pass of each router loss, summed over layers."""
         return {name: float(total) / self.n_passes for name, total in self.losses.items()}
 
-    def summary(self):
-        """One dict per layer, in layer order, with Python numbers (for logs and JSON)."""
+    def summary(self, tables=False):
+        """One dict per layer, in layer order, with Python numbers (for logs and JSON).
+        tables=True adds the E x E gate similarity matrix and the expert x label counts."""
         rows = []
         for layer in sorted(self.layers):
             totals = self.layers[layer]
             row = {'layer': layer, **load_metrics(totals['counts'])}
+            row['zero_token_experts_per_batch'] = float(totals['zero_per_pass']) / self.n_passes
             if totals['n_tokens'] > 0:
                 row['router_entropy'] = float(totals['entropy_sum']) / totals['n_tokens']
                 row['routing_variance'] = float(totals['variance_sum']) / totals['n_tokens']
-            if 'coactivation_sum' in totals:
+            if 'overlap_sum' in totals:
+                row['expert_overlap'] = float(totals['overlap_sum']) / totals['overlap_tokens']
+            if 'gate_weight' in totals:
+                similarity = gate_similarity(totals['gate_weight'])
                 row['pair_coactivation'] = float(totals['coactivation_sum']) / totals['n_tokens']
-                row['gate_cos_sim'] = float(totals['gate_cos_sim'])
+                row['gate_cos_sim'] = float(gate_cos_sim(totals['gate_weight']))
+                row['gate_angle'] = float(gate_angle(similarity))
+                row['gate_spectral_entropy'] = float(gate_spectral_entropy(similarity))
+                if tables:
+                    row['gate_similarity'] = [[round(v, 4) for v in r] for r in similarity.tolist()]
+            if 'label_counts' in totals:
+                row['specialization'] = normalized_mutual_information(totals['label_counts'])
+                if tables:
+                    row['expert_label_counts'] = totals['label_counts'].tolist()
             row['dropped_frac'] = 1.0 - totals['n_pairs'] / max(totals['n_requested'], 1)
             rows.append(row)
         return rows

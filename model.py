@@ -17,7 +17,7 @@ References:
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -112,8 +112,10 @@ class MoE(nn.Module):
         self.shared = MLP(config, config.n_shared_exp * config.expert_hidden) if config.n_shared_exp > 0 else None
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, token_ids=None):
-        """Returns (y [B, T, C], the Routing, this layer's router losses {name: scalar})."""
+    def forward(self, x, token_ids=None, keep_expert_out=False):
+        """Returns (y [B, T, C], the Routing, this layer's router losses {name: scalar}).
+        keep_expert_out=True: the Routing returned is a copy that also holds each pair's raw
+        expert output, detached, for the metrics (routers.Routing.expert_out)."""
         B, T, C = x.size()
         h = x.reshape(B * T, C)
         routing = self.router(h, None if token_ids is None else token_ids.reshape(-1), seq_len=T)
@@ -124,6 +126,8 @@ class MoE(nn.Module):
         counts = expert_counts(routing.expert_idx, self.n_exp)
         expert_out = self.experts(h[token_sorted], counts)
         losses = {**routing.losses, **self.router.output_losses(routing, expert_out, order)}
+        if keep_expert_out:
+            routing = replace(routing, expert_out=expert_out.detach()[torch.argsort(order)])  # back to pair order
 
         # combine: y[token] += weight * expert(token)
         weighted = expert_out * routing.weight[order].unsqueeze(1).to(expert_out.dtype)
@@ -143,12 +147,12 @@ class Block(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.ffn = MoE(config) if self.is_moe else MLP(config)
 
-    def forward(self, x, token_ids=None):
+    def forward(self, x, token_ids=None, keep_expert_out=False):
         """Returns (x, routing, router losses); routing is None and losses {} in a dense block."""
         x = x + self.attn(self.ln_1(x))
         if not self.is_moe:
             return x + self.ffn(self.ln_2(x)), None, {}
-        y, routing, losses = self.ffn(self.ln_2(x), token_ids)
+        y, routing, losses = self.ffn(self.ln_2(x), token_ids, keep_expert_out)
         return x + y, routing, losses
 
 
@@ -248,11 +252,12 @@ class GPT(nn.Module):
         for layer, moe in self.moe_layers():
             moe.router.step_finished(iter_num, load_counts[layer])
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, keep_expert_out=False):
         """Returns (logits, lm_loss, router_losses, routings):
         lm_loss: the cross-entropy (None without targets); router_losses: {name: scalar},
         each router loss (already scaled by its coefficient) summed over the MoE layers;
-        routings: MoE layer index -> Routing. Train on lm_loss + sum(router_losses.values())."""
+        routings: MoE layer index -> Routing. Train on lm_loss + sum(router_losses.values()).
+        keep_expert_out=True: each Routing also holds its pairs' expert outputs (metrics)."""
         device = idx.device
         b, t = idx.size()
         if t > self.config.block_size:
@@ -261,7 +266,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         routings, router_losses = {}, {}
         for i, block in enumerate(self.transformer.h):
-            x, routing, losses = block(x, idx)
+            x, routing, losses = block(x, idx, keep_expert_out)
             if routing is not None:
                 routings[i] = routing
             for name, value in losses.items():

@@ -15,7 +15,7 @@ Adding a router = one class + one line in ROUTERS + one test in test_routers.py;
 setting is one more field of RouterConfig.
 """
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -35,6 +35,8 @@ class Routing:
     losses: dict = field(default_factory=dict)  # name -> scalar, already scaled by its coefficient
     gate_weight: Optional[torch.Tensor] = None  # [E, d] the gate W_g, detached (GatePro's metrics); None = no gate
     n_requested: Optional[int] = None  # assignments asked for before capacity dropping (None = P)
+    expert_out: Optional[torch.Tensor] = None  # [P, d] raw output of each pair's expert, detached: the MoE
+                                               # layer adds it to a copy of the Routing when asked (metrics)
 
     def __post_init__(self):
         if self.n_requested is None:

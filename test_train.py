@@ -105,6 +105,15 @@ def test_train_logs_checkpoints_resumes_and_samples(data_dir, tmp_path):
             assert len(layer['load']) == 4 and abs(sum(layer['load']) - 1) < 1e-6
             assert 0 <= layer['zero_token_experts'] <= 4
             assert layer['max_vio'] >= 0 and 0 <= layer['router_entropy'] <= np.log(4) + 1e-6
+            assert 0 <= layer['expert_overlap'] <= 1 and 0 <= layer['pair_coactivation'] <= 1
+            assert 0 <= layer['gate_angle'] <= 180 and 0 <= layer['gate_spectral_entropy'] <= np.log(4) + 1e-6
+    for r in val:  # the dataset has characters: labels are character classes
+        assert r['label_names'] == ['letter', 'digit', 'space', 'punctuation', 'newline']
+        for layer in r['layers']:
+            assert 0 <= layer['specialization'] <= 1 and len(layer['gate_similarity']) == 4
+            assert np.array(layer['expert_label_counts']).shape == (4, 5)
+            assert np.array(layer['expert_label_counts']).sum() == 2 * 4 * 16  # eval_iters x batch x block, all top-1
+            assert layer['zero_token_experts_per_batch'] >= layer['zero_token_experts']
     assert val[-1]['loss'] < val[0]['loss']  # it learns
 
     ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from configurator import ConfigError, apply_overrides
-from metrics import RoutingStats, format_routing_table
+from metrics import CHARACTER_CLASSES, RoutingStats, character_class, format_routing_table
 from model import GPT, GPTConfig
 from system import autocast_context, device_type_of, keep_freed_memory_on_cpu, load_meta, pick_device, pick_dtype
 
@@ -170,19 +170,40 @@ for split in ('train', 'val'):
              f"lower --block_size")
 meta = load_meta(data_dir)
 meta_vocab_size = meta['vocab_size'] if meta else None
+# a label per token for the specialization metric: its domain where the dataset has them
+# (domains: val_domain.bin), else its character class (letter, digit, ...); none for BPE
+label_names, class_of_token = None, None
+if meta and 'domains' in meta and os.path.exists(os.path.join(data_dir, 'val_domain.bin')):
+    label_names = list(meta['domains'])
+elif meta and 'itos' in meta:
+    label_names = CHARACTER_CLASSES
+    class_of_token = torch.tensor([character_class(meta['itos'][i]) for i in range(meta['vocab_size'])])
 
 
-def get_batch(split):
+def get_batch(split, with_labels=False):
     # a fresh memmap every batch: numpy memmaps keep growing memory if reused (nanoGPT's note)
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     ix = torch.randint(len(data) - block_size, (batch_size,))
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+    if with_labels:  # evaluation only: no need for pinned memory
+        labels = token_labels(split, ix, x)
+        return x.to(device), y.to(device), None if labels is None else labels.to(device)
     if device_type == 'cuda':
         x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     else:
         x, y = x.to(device), y.to(device)
     return x, y
+
+
+def token_labels(split, ix, x):
+    """[B, T] label of each input token (see label_names), or None."""
+    if label_names is None:
+        return None
+    if class_of_token is not None:
+        return class_of_token[x]
+    domains = np.memmap(os.path.join(data_dir, f'{split}_domain.bin'), dtype=np.uint8, mode='r')
+    return torch.stack([torch.from_numpy(domains[i:i + block_size].astype(np.int64)) for i in ix])
 
 
 # -----------------------------------------------------------------------------
@@ -251,14 +272,14 @@ def estimate_loss():
     model.eval()
     for split in ('train', 'val'):
         losses = torch.zeros(eval_iters)
-        stats = RoutingStats()
+        stats = RoutingStats(label_names)
         # a progress bar while a human waits at a terminal; none in logs or on other ranks
         for k in tqdm(range(eval_iters), desc=f"eval {split}", leave=False, disable=None if master_process else True):
-            X, Y = get_batch(split)
+            X, Y, labels = get_batch(split, with_labels=True)
             with ctx:
-                _, lm_loss, router_losses, routings = model(X, Y)
+                _, lm_loss, router_losses, routings = model(X, Y, keep_expert_out=True)
             losses[k] = lm_loss.item()
-            stats.add(routings, router_losses)
+            stats.add(routings, router_losses, labels=labels)
         out[split] = losses.mean().item()
     model.train()
     return out, stats
@@ -297,12 +318,12 @@ while True:
 
     if iter_num % eval_interval == 0 and master_process:
         losses, val_stats = estimate_loss()
-        layers = val_stats.summary()
+        layers = val_stats.summary(tables=True)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if layers:
             print(format_routing_table(layers))
         log_json({'iter': iter_num, 'split': 'val', 'loss': losses['val'], 'train_loss': losses['train'],
-                  'lr': lr, 'losses': val_stats.loss_summary(), 'layers': layers})
+                  'lr': lr, 'losses': val_stats.loss_summary(), 'layers': layers, 'label_names': label_names})
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
         if losses['val'] < best_val_loss or always_save_checkpoint:
@@ -332,7 +353,7 @@ while True:
             # synchronise gradients only on the last micro-step
             model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
         with ctx:
-            logits, lm_loss, router_losses, routings = model(X, Y)
+            logits, lm_loss, router_losses, routings = model(X, Y, keep_expert_out=log_step)
             loss = (lm_loss + sum(router_losses.values())) / gradient_accumulation_steps
         step_stats.add(routings, router_losses, full=log_step)
         step_lm_loss += lm_loss.detach() / gradient_accumulation_steps
@@ -350,6 +371,7 @@ while True:
         all_counts = torch.stack([load_counts[layer] for layer in sorted(load_counts)])
         torch.distributed.all_reduce(all_counts)  # the load of the whole global batch
         load_counts = dict(zip(sorted(load_counts), all_counts))
+        step_stats.set_load_counts(load_counts)  # the log's load metrics count the global batch too
     raw_model.step_finished(iter_num, load_counts)
 
     t1 = time.time()
