@@ -317,10 +317,11 @@ def test_compare_end_to_end_and_skips_finished_runs(tmp_path, data_dir, capsys):
     assert_one_line_error(capsys.readouterr().err, 'dense-s1 holds a finished run of another train.py command')
 
 
-def test_compare_failing_run_is_one_line_error(tmp_path, data_dir):
-    result = run(['compare.py', tiny_config(tmp_path, data_dir), "--per_router={'switch': {'capacity_factr': 1.0}}",
-                  "--routers=['switch']"])
-    assert result.returncode == 2
+def test_compare_failing_run_is_one_line_error(tmp_path, data_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        compare.main([tiny_config(tmp_path, data_dir), "--per_router={'switch': {'capacity_factr': 1.0}}",
+                      "--routers=['switch']"])
+    assert e.value.code == 2
     log = os.path.join(tmp_path / 'cmp', 'switch-s1', 'train.log')
-    assert_one_line_error(result.stderr, 'run switch-s1 failed', "unknown config key 'capacity_factr'", log)
+    assert_one_line_error(capsys.readouterr().err, 'run switch-s1 failed', "unknown config key 'capacity_factr'", log)
     assert not os.path.exists(os.path.join(tmp_path / 'cmp', 'switch-s1', 'done.json'))
