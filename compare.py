@@ -75,8 +75,12 @@ def load_config(argv):
         if arg.startswith('--train='):
             config['train'] = {**before['train'], **config['train']}
         elif arg.startswith('--per_router='):
-            config['per_router'] = {**before['per_router'], **{
-                router: {**before['per_router'].get(router, {}), **keys} for router, keys in config['per_router'].items()}}
+            merged = dict(before['per_router'])
+            for router, keys in config['per_router'].items():
+                old = merged.get(router, {})
+                # a value that is not a dict is left as given, for check_config to reject
+                merged[router] = {**old, **keys} if isinstance(old, dict) and isinstance(keys, dict) else keys
+            config['per_router'] = merged
     check_config(config)
     return config
 
@@ -347,7 +351,7 @@ def results_markdown(config, runs, stats, walls, argv, wall_now, n_trained, plot
     if plots is None:
         out.append('Skipped: matplotlib is not installed. `pip install matplotlib`, then run the same '
                    'command again (finished runs are not retrained), or '
-                   f"`python plot.py {config['compare_dir']}/*`.")
+                   f"`python plot.py {config['compare_dir']}/*-s* --out={config['compare_dir']}`.")
     else:
         written, skipped = plots
         per_run = [p for p, _, _ in plot.PICTURES if any(os.path.basename(w) == p for w in written)]
@@ -399,10 +403,11 @@ def main(argv, prog='compare.py'):
     stats = {name: run_stats(run_lines) for name, run_lines in lines.items()}
     try:
         plot.pyplot()
-        plots = plot.plot_runs([r[3] for r in runs], config['compare_dir'], list(lines.values()))
+        has_matplotlib = True
     except ImportError:
-        plots = None
+        has_matplotlib = False
         print("matplotlib is not installed: no plots (pip install matplotlib)")
+    plots = plot.plot_runs([r[3] for r in runs], config['compare_dir'], list(lines.values())) if has_matplotlib else None
     results = os.path.join(config['compare_dir'], 'results.md')
     with open(results, 'w') as f:
         f.write(results_markdown(config, runs, stats, walls, [prog, *argv], time.time() - t0, n_trained, plots))

@@ -237,6 +237,7 @@ def test_config_flags_update_the_dicts(tmp_path):
     (["--train={'seed': 3}"], "train sets 'seed'"),
     (["--per_router={'dense': {'n_exp': 8}}"], "per_router['dense'] sets 'n_exp'"),
     (["--train={'n_layer': [2]}"], "train['n_layer'] = [2]"),
+    (["--per_router={'switch': 3}"], "per_router['switch'] must be a dict of train.py keys"),
     (['--sedes=[1]'], "unknown config key 'sedes'"),
 ])
 def test_config_errors(argv, message):
