@@ -1,0 +1,420 @@
+"""
+Train the same model on the same data with several routers and seeds, then tabulate
+and plot what each router did.
+
+$ python compare.py config/compare_routers.py
+$ python compare.py config/compare_routers.py --seeds=[1337] --compare_dir=out-quick
+$ python compare.py config/compare_routers.py --routers="['topk', 'switch']" --train="{'max_iters': 100}"
+
+The keys (defaults below) come from a config file (plain Python, like train.py's) and
+then from --key=value flags, checked by configurator.py:
+  routers     names from routers.ROUTERS, and 'dense': the dense twin (n_exp=1, no router)
+  seeds       one run per router and seed
+  compare_dir a folder per run, compare_dir/<router>-s<seed>, and results.md
+  train       {train.py key: value} for every run
+  per_router  {router: {train.py key: value}} for that router's runs, after train
+A --train or --per_router flag adds to (updates) the config file's dict instead of
+replacing it, so `--train="{'device': 'cuda'}"` keeps the file's model size. compare.py
+sets seed, out_dir and router (or n_exp=1 for dense) itself. Keys a router fixes or
+refuses (top_k for switch and hash, aux_loss_coef for aux_free and expert_choice) belong
+in per_router, not in train.
+
+Each run is `python train.py --key=value ...` in a subprocess, its output in
+out_dir/train.log. out_dir/run.json (router, seed, command) is written when a run starts,
+out_dir/done.json (the same, and its wall time) when it exits 0. A run with done.json is
+skipped, so an interrupted comparison continues where it stopped (an unfinished run starts
+again from scratch); a finished run whose train.py arguments differ from the ones the
+config now gives is refused rather than mixed into the table. Then compare_dir/results.md
+gets a table, a row per router, mean ± std over the seeds, each column defined under it,
+and plot.py draws every run (when matplotlib is installed).
+"""
+
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+from tqdm import tqdm
+
+import plot
+from configurator import ConfigError, apply_overrides
+from routers import ROUTERS
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+TRAIN = os.path.join(REPO, 'train.py')
+
+# -----------------------------------------------------------------------------
+# compare.py's own keys; config/compare_routers.py holds a real comparison
+defaults = {
+    'routers': ['dense', 'topk'],  # 'dense' = the dense twin; the rest are names in routers.ROUTERS
+    'seeds': [1337],
+    'compare_dir': 'out-compare',
+    'train': {},  # train.py keys for every run
+    'per_router': {},  # {router: {train.py keys}} for one router's runs
+}
+# -----------------------------------------------------------------------------
+
+
+def fail(message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def load_config(argv):
+    """defaults, then the config files and --key=value flags of argv in order."""
+    config = dict(defaults)
+    for arg in argv:
+        before = config
+        config, _ = apply_overrides(config, [arg])
+        if arg.startswith('--train='):
+            config['train'] = {**before['train'], **config['train']}
+        elif arg.startswith('--per_router='):
+            merged = dict(before['per_router'])
+            for router, keys in config['per_router'].items():
+                old = merged.get(router, {})
+                # a value that is not a dict is left as given, for check_config to reject
+                merged[router] = {**old, **keys} if isinstance(old, dict) and isinstance(keys, dict) else keys
+            config['per_router'] = merged
+    check_config(config)
+    return config
+
+
+def check_train_keys(keys, where, reserved):
+    if not isinstance(keys, dict) or not all(isinstance(k, str) for k in keys):
+        raise ConfigError(f"{where} must be a dict of train.py keys, got {keys!r}")
+    for key, value in keys.items():
+        if key in reserved:
+            raise ConfigError(f"{where} sets {key!r}, which compare.py sets for each run (use routers, seeds, compare_dir)")
+        if not isinstance(value, (int, float, bool, str, type(None))):
+            raise ConfigError(f"{where}[{key!r}] = {value!r}: a train.py key takes a number, bool, string or None")
+
+
+def check_config(config):
+    known = ['dense', *ROUTERS]
+    routers, seeds = config['routers'], config['seeds']
+    if not routers or not all(isinstance(r, str) for r in routers) or len(set(routers)) != len(routers):
+        raise ConfigError(f"routers must be a non-empty list of different names, got {routers!r}")
+    for router in [*routers, *config['per_router']]:
+        if router not in known:
+            raise ConfigError(f"unknown router {router!r}; available: {', '.join(known)}")
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds must be a non-empty list of different integers, got {seeds!r}")
+    if not config['compare_dir']:
+        raise ConfigError("compare_dir must not be empty")
+    reserved = {'seed', 'out_dir', 'router'}
+    check_train_keys(config['train'], 'train', reserved)
+    for router, keys in config['per_router'].items():
+        # the dense twin is n_exp=1 by definition
+        check_train_keys(keys, f"per_router[{router!r}]", reserved | ({'n_exp'} if router == 'dense' else set()))
+
+
+def flag(key, value):
+    # strings go as they are (train.py keeps them strings), the rest as Python literals
+    return f"--{key}={value}" if isinstance(value, str) else f"--{key}={value!r}"
+
+
+def shell_join(args):
+    """A command to show and to paste: --routers="['topk', 'switch']" rather than shlex's
+    '--routers=['"'"'topk'"'"', ...]'."""
+    quoted = []
+    for arg in args:
+        if shlex.quote(arg) != arg and not any(c in arg for c in '"$`\\!'):
+            quoted.append(f'"{arg}"')
+        else:
+            quoted.append(shlex.quote(arg))
+    return ' '.join(quoted)
+
+
+def plan_runs(config):
+    """[(name, router, seed, out_dir, command)] in table order: router by router, seed by seed."""
+    runs = []
+    for router in config['routers']:
+        for seed in config['seeds']:
+            name = f"{router}-s{seed}"
+            out_dir = os.path.join(config['compare_dir'], name)
+            keys = {**config['train'], **config['per_router'].get(router, {}), 'seed': seed, 'out_dir': out_dir}
+            if router == 'dense':
+                keys['n_exp'] = 1  # in place of train's n_exp, if it sets one
+            else:
+                keys['router'] = router
+            command = [sys.executable, TRAIN, *(flag(k, v) for k, v in keys.items())]
+            runs.append((name, router, seed, out_dir, command))
+    return runs
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def same_run(done, command):
+    # what train.py is asked to do; the interpreter and the path of train.py may differ
+    return isinstance(done, dict) and done.get('command_argv', [None, None])[2:] == command[2:]
+
+
+def train_run(name, router, seed, out_dir, command):
+    """Run train.py; write run.json before and done.json after. Returns the wall time (s);
+    RuntimeError with a one-line message when train.py fails."""
+    os.makedirs(out_dir, exist_ok=True)
+    info = {'router': router, 'seed': seed, 'command': shell_join(command), 'command_argv': command}
+    with open(os.path.join(out_dir, 'run.json'), 'w') as f:
+        json.dump(info, f, indent=1)
+    log_path = os.path.join(out_dir, 'train.log')
+    t0 = time.time()
+    with open(log_path, 'w') as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    wall = time.time() - t0
+    if result.returncode != 0:
+        # train.py ends bad settings with one 'error: ...' line: show it with the run
+        with open(log_path, errors='replace') as f:
+            last = [line.strip() for line in f if line.strip()][-1:] or ['no output']
+        raise RuntimeError(f"run {name} failed (exit code {result.returncode}): {last[0]}  [log: {log_path}]")
+    with open(os.path.join(out_dir, 'done.json'), 'w') as f:
+        json.dump({**info, 'wall_s': wall, 'finished': time.strftime('%Y-%m-%d %H:%M:%S')}, f, indent=1)
+    return wall
+
+
+# -----------------------------------------------------------------------------
+# the table
+
+def mean(values):
+    return sum(values) / len(values) if values else None
+
+
+def layer_mean(line, key):
+    """Mean over the MoE layers of a per-layer number; None when no layer logs it."""
+    return mean([entry[key] for entry in line.get('layers') or []
+                 if isinstance(entry, dict) and plot.is_number(entry.get(key))])
+
+
+def all_experts_used_iter(train):
+    """The iteration from which every expert got tokens for good: the first logged training
+    step such that in it and in every later logged step, every MoE layer has
+    zero_token_experts == 0. math.inf (never) when the last logged step still has an expert
+    without tokens; None when the run has no MoE layer (dense). Steps between two logged
+    ones (log_interval) are not seen. train: train lines sorted by iteration."""
+    if not any(line.get('layers') for line in train):
+        return None
+    since = math.inf
+    for line in reversed(train):
+        if any(entry.get('zero_token_experts', 0) != 0 for entry in line.get('layers') or [] if isinstance(entry, dict)):
+            break
+        since = line['iter']
+    return since
+
+
+def run_stats(lines):
+    """One run's numbers for the tables, from its metrics.jsonl lines; None where absent."""
+    train, val = plot.by_iter(lines, 'train'), plot.by_iter(lines, 'val')
+    last = val[-1] if val else {}
+    # a training step that also ran an eval is timed with the eval (train.py): leave it out
+    eval_iters = {line['iter'] for line in val}
+    speeds = [line['tokens_per_s'] for line in train if plot.is_number(line.get('tokens_per_s'))]
+    speeds_no_eval = [line['tokens_per_s'] for line in train
+                      if plot.is_number(line.get('tokens_per_s')) and line['iter'] not in eval_iters]
+    stats = {
+        'val_loss': last['loss'] if plot.is_number(last.get('loss')) else None,
+        'tokens_per_s': mean(speeds_no_eval or speeds),
+        'all_experts_iter': all_experts_used_iter(train),
+    }
+    for key in ('zero_token_experts', 'zero_token_experts_per_batch', 'max_vio', 'routing_variance',
+                'expert_overlap', 'pair_coactivation', 'specialization', 'router_entropy', 'load_cv',
+                'dropped_frac', 'gate_cos_sim', 'gate_angle', 'gate_spectral_entropy'):
+        stats[key] = layer_mean(last, key)
+    if stats['specialization'] is None and plot.is_number(last.get('specialization')):
+        stats['specialization'] = last['specialization']  # logged for the whole model, not per layer
+    return stats
+
+
+def mean_std(values):
+    """(mean, sample standard deviation) of the numbers; std is None for one value."""
+    m = sum(values) / len(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def cell(values, spec):
+    """'mean ± std' of one column over a router's seeds, or n/a. math.inf means never
+    (all_experts_iter): the seeds that never got there are counted, not averaged."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return 'n/a'
+    finite = [v for v in present if v != math.inf]
+    if not finite:
+        return 'never'
+    m, s = mean_std(finite)
+    text = format(m, spec) + (f" ± {format(s, spec)}" if s is not None else '')
+    if len(finite) < len(present):
+        text += f" (never in {len(present) - len(finite)} of {len(present)})"
+    return text
+
+
+# (stats key, column header, format)
+MAIN_COLUMNS = [
+    ('val_loss', 'val loss', '.4f'),
+    ('tokens_per_s', 'tokens/s', ',.0f'),
+    ('zero_token_experts', 'zero-token experts', '.2f'),
+    ('zero_token_experts_per_batch', 'zero-token per batch', '.2f'),
+    ('all_experts_iter', 'iters until all experts used', '.0f'),
+    ('max_vio', 'max_vio', '.3f'),
+    ('routing_variance', 'routing_variance', '.4f'),
+    ('expert_overlap', 'expert_overlap', '.3f'),
+    ('pair_coactivation', 'pair_coactivation', '.4f'),
+    ('specialization', 'specialization', '.3f'),
+]
+MORE_COLUMNS = [
+    ('router_entropy', 'router_entropy', '.3f'),
+    ('load_cv', 'load_cv', '.3f'),
+    ('dropped_frac', 'dropped_frac', '.4f'),
+    ('gate_cos_sim', 'gate_cos_sim', '.3f'),
+    ('gate_angle', 'gate_angle', '.3f'),
+    ('gate_spectral_entropy', 'gate_spectral_entropy', '.3f'),
+]
+
+
+def table(columns, routers, stats_by_router):
+    lines = ['| router | ' + ' | '.join(header for _, header, _ in columns) + ' |',
+             '| --- ' * (len(columns) + 1) + '|']
+    for router in routers:
+        runs = stats_by_router[router]
+        lines.append(f"| {router} | " + ' | '.join(cell([s[key] for s in runs], spec) for key, _, spec in columns) + ' |')
+    return '\n'.join(lines)
+
+
+def cpu_name():
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown CPU'
+
+
+def minutes(seconds):
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s"
+
+
+def results_markdown(config, runs, stats, walls, argv, wall_now, n_trained, plots):
+    """results.md. stats: {run name: run_stats}; walls: {run name: wall s from done.json}."""
+    routers, seeds = config['routers'], config['seeds']
+    stats_by_router = {r: [stats[name] for name, router, *_ in runs if router == r] for r in routers}
+    try:
+        torch_version = importlib.metadata.version('torch')
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = 'not installed'
+    out = [
+        '# Router comparison', '',
+        f"{len(routers)} router{'s' * (len(routers) != 1)} × {len(seeds)} seed{'s' * (len(seeds) != 1)} "
+        f"({', '.join(map(str, seeds))}), one run each, "
+        f"same model and data. A cell is the mean ± sample standard deviation over the seeds "
+        f"(the value alone for one seed); n/a: the runs do not log it (the dense twin has no router).", '',
+        table(MAIN_COLUMNS, routers, stats_by_router), '',
+        '- val loss: `loss` of the last val line (cross-entropy, router losses excluded).',
+        '- tokens/s: mean over the logged training steps of `tokens_per_s`, leaving out the steps that '
+        'also ran an evaluation (their time includes it). Runs ran one after another on a shared machine.',
+        '- zero-token experts, zero-token per batch, max_vio, routing_variance, expert_overlap, '
+        'pair_coactivation, specialization: the last val line, mean over the MoE layers.',
+        '- iters until all experts used: the first logged training step from which on every logged '
+        'step has zero_token_experts = 0 in every MoE layer (steps between logs are not seen); '
+        '"never" when the last logged step still has an expert without tokens.', '',
+        'More of the last val line, mean over the MoE layers:', '',
+        table(MORE_COLUMNS, routers, stats_by_router), '',
+        '## How this was made', '',
+        f"Command: `{shell_join(['python', *argv])}`", '',
+        'The train.py command of each router (its other seeds differ only in `--seed` and `--out_dir`; '
+        "every run's own is in its `run.json`):", '',
+    ]
+    for router in routers:
+        command = next(c for _, r, _, _, c in runs if r == router)
+        out.append(f"- {router}: `{shell_join(['python', 'train.py', *command[2:]])}`")
+    threads = os.environ.get('OMP_NUM_THREADS')
+    out += [
+        '',
+        f"Machine: {platform.platform()}, {cpu_name()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, torch {torch_version}"
+        + (f", OMP_NUM_THREADS={threads}" if threads else '') + '.', '',
+        f"Wall time: {minutes(wall_now)} for this command ({n_trained} runs trained, "
+        f"{len(runs) - n_trained} already finished); training summed over all {len(runs)} runs: "
+        f"{minutes(sum(walls.values()))}.", '',
+        '## Plots', '',
+    ]
+    if plots is None:
+        out.append('Skipped: matplotlib is not installed. `pip install matplotlib`, then run the same '
+                   'command again (finished runs are not retrained), or '
+                   f"`python plot.py {config['compare_dir']}/*-s* --out={config['compare_dir']}`.")
+    else:
+        written, skipped = plots
+        per_run = [p for p, _, _ in plot.PICTURES if any(os.path.basename(w) == p for w in written)]
+        out.append(f"`loss.png`: the losses of all runs. In each run's folder: {', '.join(f'`{p}`' for p in per_run)}. "
+                   f"Redraw with `python plot.py {config['compare_dir']}/*-s* --out={config['compare_dir']}`.")
+        for picture, needs in dict.fromkeys((picture, needs) for _, picture, needs in skipped):
+            n = sum(1 for _, p, _ in skipped if p == picture)
+            out.append(f"Not drawn: `{picture}` for {n} run{'s' * (n != 1)} (no {needs}).")
+    return '\n'.join(out) + '\n'
+
+
+def main(argv, prog='compare.py'):
+    t0 = time.time()
+    try:
+        config = load_config(argv)
+    except ConfigError as e:
+        fail(e)
+    runs = plan_runs(config)
+    walls = {}
+    n_trained = 0
+    bar = tqdm(runs, desc='runs', unit='run', disable=None)  # no bar when stderr is not a terminal
+    for name, router, seed, out_dir, command in bar:
+        done = read_json(os.path.join(out_dir, 'done.json'))
+        if done is not None:
+            if not same_run(done, command):
+                bar.close()
+                fail(f"{out_dir} holds a finished run of another train.py command (see its done.json); "
+                     f"delete that folder or set another --compare_dir")
+            tqdm.write(f"skipping {name}: finished ({os.path.join(out_dir, 'done.json')})")
+            walls[name] = done.get('wall_s', 0.0)
+            continue
+        bar.set_postfix_str(name)
+        try:
+            walls[name] = train_run(name, router, seed, out_dir, command)
+        except RuntimeError as e:
+            bar.close()
+            fail(e)
+        except KeyboardInterrupt:
+            bar.close()
+            print(f"interrupted during run {name}; run the same command again to continue", file=sys.stderr)
+            sys.exit(130)
+        n_trained += 1
+    bar.close()
+
+    try:
+        lines = {name: plot.read_metrics(out_dir) for name, _, _, out_dir, _ in runs}
+    except plot.MetricsError as e:
+        fail(e)
+    stats = {name: run_stats(run_lines) for name, run_lines in lines.items()}
+    try:
+        plot.pyplot()
+        has_matplotlib = True
+    except ImportError:
+        has_matplotlib = False
+        print("matplotlib is not installed: no plots (pip install matplotlib)")
+    plots = plot.plot_runs([r[3] for r in runs], config['compare_dir'], list(lines.values())) if has_matplotlib else None
+    results = os.path.join(config['compare_dir'], 'results.md')
+    with open(results, 'w') as f:
+        f.write(results_markdown(config, runs, stats, walls, [prog, *argv], time.time() - t0, n_trained, plots))
+    if plots:
+        print(f"{len(plots[0])} plots written")
+    print(f"wrote {results}")
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:], sys.argv[0])

@@ -1,0 +1,328 @@
+"""Tests of plot.py and compare.py: pictures from hand-written metrics.jsonl files, the
+one-line errors, the results-table statistics worked out by hand, and compare.py end to
+end (train.py subprocesses on a tiny model and dataset). CPU only."""
+
+import importlib.util
+import json
+import math
+import os
+import pickle
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import compare
+import plot
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+
+
+def run(args, cwd=REPO):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=240)
+
+
+def assert_one_line_error(stderr, *fragments):
+    assert 'Traceback' not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: '), stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# -----------------------------------------------------------------------------
+# hand-written metrics: 2 MoE layers, 3 experts, train lines every 10 iterations, evals at 0 and 20
+
+def layer(i, zero=0, optional=False, val=False):
+    entry = {'layer': i, 'load': [0.5, 0.5, 0.0] if zero else [0.4, 0.3, 0.3], 'zero_token_experts': zero,
+             'max_vio': 0.2 * (i + 1), 'load_cv': 0.1, 'router_entropy': 1.0, 'routing_variance': 0.01,
+             'dropped_frac': 0.0}
+    if val:
+        entry.update(gate_cos_sim=0.3, pair_coactivation=0.05 * (i + 1))
+    if val and optional:
+        entry.update(expert_overlap=0.1 * (i + 1), gate_angle=1.2, gate_spectral_entropy=1.0,
+                     gate_similarity=[[1.0, 0.2, -0.1], [0.2, 1.0, 0.4], [-0.1, 0.4, 1.0]],
+                     specialization=0.5 + i, expert_label_counts=[[5, 0], [1, 4], [0, 0]],
+                     zero_token_experts_per_batch=0.5)
+    return entry
+
+
+def metrics_lines(optional=False, n_layer=2):
+    lines = []
+    for it, zeros, speed in ((0, [1, 0], 100.0), (10, [0, 0], 200.0), (20, [0, 1], 300.0), (30, [0, 0], 400.0),
+                             (40, [0, 0], 600.0)):
+        if it in (0, 30):
+            val = {'iter': it, 'split': 'val', 'loss': 3.0 - it / 20, 'train_loss': 3.1 - it / 20, 'lr': 1e-3,
+                   'losses': {}, 'layers': [layer(i, optional=optional, val=True) for i in range(n_layer)]}
+            if optional:
+                val['label_names'] = ['math', 'code']
+            lines.append(val)
+        lines.append({'iter': it, 'split': 'train', 'loss': 3.2 - it / 20, 'lr': 1e-3, 'losses': {'aux': 0.01},
+                      'layers': [layer(i, zero=zeros[i]) for i in range(n_layer)], 'time_ms': 10.0,
+                      'tokens_per_s': speed, 'mfu': -1.0})
+    return lines
+
+
+def write_run(path, lines, run_info=None):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, 'metrics.jsonl'), 'w') as f:
+        f.writelines(json.dumps(line) + '\n' for line in lines)
+    if run_info:
+        with open(os.path.join(path, 'run.json'), 'w') as f:
+            json.dump(run_info, f)
+    return str(path)
+
+
+# -----------------------------------------------------------------------------
+# the results-table statistics, by hand
+
+def test_run_stats_by_hand():
+    stats = compare.run_stats(metrics_lines(optional=True))
+    assert stats['val_loss'] == 1.5  # last val line (iter 30): 3.0 - 30/20
+    # train lines at 0 and 30 also ran an eval and are left out: (200 + 300 + 600) / 3
+    assert stats['tokens_per_s'] == pytest.approx(1100 / 3)
+    # zero_token_experts by iteration, layers 0/1: 1/0, 0/0, 0/1, 0/0, 0/0 -> for good from 30
+    assert stats['all_experts_iter'] == 30
+    assert stats['max_vio'] == pytest.approx(0.3)  # mean of 0.2 and 0.4
+    assert stats['pair_coactivation'] == pytest.approx(0.075)
+    assert stats['expert_overlap'] == pytest.approx(0.15)
+    assert stats['specialization'] == pytest.approx(1.0)  # mean of 0.5 and 1.5
+    assert stats['zero_token_experts'] == 0 and stats['zero_token_experts_per_batch'] == 0.5
+
+    plain = compare.run_stats(metrics_lines(optional=False))
+    assert plain['expert_overlap'] is None and plain['specialization'] is None and plain['gate_angle'] is None
+    assert plain['zero_token_experts_per_batch'] is None and plain['max_vio'] == pytest.approx(0.3)
+    # specialization logged once for the model, not per layer
+    lines = metrics_lines()
+    [val for val in lines if val['split'] == 'val'][-1]['specialization'] = 0.7
+    assert compare.run_stats(lines)['specialization'] == 0.7
+
+
+def test_all_experts_used_iter_by_hand():
+    lines = metrics_lines()
+    train = plot.by_iter(lines, 'train')
+    assert compare.all_experts_used_iter(train) == 30
+    train[-1]['layers'][1]['zero_token_experts'] = 2  # the last step (40) still has a dead expert
+    assert compare.all_experts_used_iter(train) == math.inf
+    # a resumed run logged iteration 40 again, now with every expert used: the later line wins
+    lines.append({**lines[-1], 'layers': [layer(0), layer(1)]})
+    assert compare.all_experts_used_iter(plot.by_iter(lines, 'train')) == 30
+    assert compare.all_experts_used_iter([{'iter': 0, 'split': 'train', 'layers': []}]) is None  # dense
+
+
+def test_mean_std_and_cells_by_hand():
+    m, s = compare.mean_std([1.0, 2.0, 4.0])
+    # mean 7/3; squared deviations 16/9 + 1/9 + 25/9 = 42/9, / (3 - 1) = 7/3, sqrt = 1.5275
+    assert m == pytest.approx(7 / 3) and s == pytest.approx(math.sqrt(7 / 3))
+    assert compare.cell([1.0, 2.0, 4.0], '.3f') == '2.333 ± 1.528'
+    assert compare.cell([1.5], '.3f') == '1.500'  # one seed: no spread
+    assert compare.cell([None, None], '.3f') == 'n/a'
+    assert compare.cell([math.inf, math.inf], '.0f') == 'never'
+    assert compare.cell([10, math.inf, 30], '.0f') == '20 ± 14 (never in 1 of 3)'
+
+
+# -----------------------------------------------------------------------------
+# plot.py
+
+def test_plot_writes_every_png(tmp_path, capsys):
+    pytest.importorskip('matplotlib', reason='plot.py needs matplotlib')
+    full = write_run(tmp_path / 'topk-s1', metrics_lines(optional=True), {'router': 'topk', 'seed': 1})
+    plain = write_run(tmp_path / 'plain', metrics_lines(optional=False))
+    dense = write_run(tmp_path / 'dense', [{**line, 'layers': []} for line in metrics_lines()])
+    odd = metrics_lines(optional=True)  # optional fields of an unexpected shape are skipped, not a crash
+    for line in odd:
+        line.pop('label_names', None)
+        for entry in line['layers']:
+            entry.update(gate_similarity=[[1.0], [0.5, 1.0]], expert_label_counts='many')
+    odd = write_run(tmp_path / 'odd', odd)
+    plot.main([full, plain, dense, odd])
+    printed = capsys.readouterr().out.splitlines()
+    every = ['zero_token.png', 'load.png', 'specialization.png', 'gate_similarity.png', 'val_metrics.png']
+    assert sorted(os.listdir(full)) == sorted(['metrics.jsonl', 'run.json', *every])
+    assert sorted(os.listdir(plain)) == sorted(['metrics.jsonl', 'zero_token.png', 'load.png', 'val_metrics.png'])
+    assert os.listdir(dense) == ['metrics.jsonl']
+    assert sorted(os.listdir(odd)) == sorted(os.listdir(plain))
+    assert (tmp_path / 'loss.png').exists()  # the overlay goes to the runs' common parent
+    for name in every:
+        assert os.path.join(full, name) in printed
+    assert str(tmp_path / 'loss.png') in printed
+    skipped = os.path.join(plain, 'specialization.png')
+    assert f"skipped {skipped}: the run logs no expert_label_counts on the last val line" in printed
+    for path in [os.path.join(full, name) for name in every] + [str(tmp_path / 'loss.png')]:
+        assert os.path.getsize(path) < 300_000  # dpi 100: small files
+
+    plot.main([dense, f'--out={tmp_path / "figs"}'])
+    assert os.listdir(tmp_path / 'figs') == ['loss.png']
+
+
+def test_run_labels(tmp_path):
+    assert plot.run_label(write_run(tmp_path / 'a', [], {'router': 'switch', 'seed': 7})) == ('switch s7', 'switch')
+    os.makedirs(tmp_path / 'b')
+    with open(tmp_path / 'b' / 'config.json', 'w') as f:
+        json.dump({'router': 'topk', 'seed': 3, 'n_exp': 1}, f)
+    assert plot.run_label(str(tmp_path / 'b')) == ('dense s3', 'dense')
+    assert plot.run_label(str(tmp_path / 'c') + '/') == ('c', 'c')
+
+
+def test_plot_without_matplotlib_is_one_line_error(tmp_path):
+    run_dir = write_run(tmp_path / 'run', metrics_lines())
+    block = ("import sys; sys.modules['matplotlib'] = None; sys.argv = ['plot.py', %r]; "
+             "exec(compile(open('plot.py').read(), 'plot.py', 'exec'))" % run_dir)
+    result = run(['-c', block])
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, 'plot.py needs matplotlib: pip install matplotlib')
+    assert os.listdir(run_dir) == ['metrics.jsonl']
+
+
+@pytest.mark.parametrize('content, fragment', [
+    (None, 'metrics.jsonl'),  # a folder without one
+    ('', 'is empty'),
+    ('{"iter": 0, "split": "train"}\n{not json\n', 'line 2 is not JSON'),
+    ('[1, 2]\n', 'line 1 is not a train.py metrics line'),
+])
+def test_plot_bad_run_is_one_line_error(tmp_path, capsys, content, fragment):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    if content is not None:
+        (run_dir / 'metrics.jsonl').write_text(content)
+    with pytest.raises(SystemExit) as e:
+        plot.main([str(run_dir)])
+    assert e.value.code == 2
+    assert_one_line_error(capsys.readouterr().err, str(run_dir / 'metrics.jsonl'), fragment)
+
+
+def test_plot_cli_errors(tmp_path):
+    result = run(['plot.py', str(tmp_path / 'nowhere')])
+    assert result.returncode == 2
+    assert_one_line_error(result.stderr, 'nowhere is not a folder')
+    result = run(['plot.py'])
+    assert result.returncode == 2 and 'usage: python plot.py OUT_DIR' in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# compare.py: the config
+
+def test_default_config_plans_18_runs():
+    config = compare.load_config([os.path.join(REPO, 'config', 'compare_routers.py')])
+    runs = compare.plan_runs(config)
+    assert len(runs) == 18 and runs[0][0] == 'dense-s1337' and runs[-1][0] == 'switch-s1339'
+    # keys a router fixes or refuses are per router, never for all
+    assert not {'top_k', 'aux_loss_coef', 'z_loss_coef'} & set(config['train'])
+    name, router, seed, out_dir, command = runs[0]
+    assert '--n_exp=1' in command and not any(arg.startswith('--router=') for arg in command)
+    assert command[-1] == '--out_dir=' + os.path.join('out-compare', 'dense-s1337')
+    assert runs[-1][4][-1] == '--router=switch' and '--n_exp=8' in runs[-1][4]
+
+
+def test_config_flags_update_the_dicts(tmp_path):
+    config_file = tmp_path / 'cmp.py'
+    config_file.write_text("routers = ['topk', 'switch']\ntrain = dict(n_layer=2, max_iters=10)\n"
+                           "per_router = {'switch': {'capacity_factor': 2.0, 'switch_jitter': 0.0}}\n")
+    config = compare.load_config([str(config_file), '--seeds=[1, 2]', "--train={'max_iters': 4}",
+                                  "--per_router={'switch': {'capacity_factor': 1.0}}"])
+    assert config['seeds'] == [1, 2] and config['routers'] == ['topk', 'switch']
+    assert config['train'] == {'n_layer': 2, 'max_iters': 4}
+    assert config['per_router'] == {'switch': {'capacity_factor': 1.0, 'switch_jitter': 0.0}}
+    switch = compare.plan_runs(config)[-1][4]
+    assert '--capacity_factor=1.0' in switch and '--max_iters=4' in switch and '--seed=2' in switch
+
+
+@pytest.mark.parametrize('argv, message', [
+    (["--routers=['topk', 'nope']"], "unknown router 'nope'"),
+    (["--per_router={'tpok': {}}"], "unknown router 'tpok'"),
+    (['--routers=topk'], 'routers expects list'),
+    (['--seeds=[1, 1]'], 'seeds must be a non-empty list of different integers'),
+    (["--train={'seed': 3}"], "train sets 'seed'"),
+    (["--per_router={'dense': {'n_exp': 8}}"], "per_router['dense'] sets 'n_exp'"),
+    (["--train={'n_layer': [2]}"], "train['n_layer'] = [2]"),
+    (["--per_router={'switch': 3}"], "per_router['switch'] must be a dict of train.py keys"),
+    (['--sedes=[1]'], "unknown config key 'sedes'"),
+])
+def test_config_errors(argv, message):
+    with pytest.raises(compare.ConfigError) as e:
+        compare.load_config(argv)
+    assert message in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# compare.py end to end
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    """test_train.py's tiny dataset: 13 symbols, the next one in the alphabet 90% of the time."""
+    path = tmp_path_factory.mktemp('tinydata')
+    rng = np.random.default_rng(0)
+    chars = sorted('abcdefgh ijk\n')
+    steps = np.where(rng.random(24_000) < 0.9, 1, rng.integers(0, len(chars), 24_000))
+    ids = (np.cumsum(steps) % len(chars)).astype(np.uint16)
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids[:20_000].tofile(path / 'train.bin')
+    ids[20_000:].tofile(path / 'val.bin')
+    with open(path / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': len(chars), 'stoi': stoi, 'itos': {i: c for c, i in stoi.items()}}, f)
+    return str(path)
+
+
+def tiny_config(tmp_path, data_dir):
+    path = tmp_path / 'tiny.py'
+    path.write_text(f"routers = ['dense', 'switch']\nseeds = [1]\ncompare_dir = {str(tmp_path / 'cmp')!r}\n"
+                    f"train = dict(device='cpu', data_dir={data_dir!r}, n_layer=1, n_embd=16, n_head=2, n_exp=4,\n"
+                    f"             block_size=16, batch_size=4, max_iters=8, eval_interval=2, eval_iters=1, log_interval=1)\n")
+    return str(path)
+
+
+def test_compare_end_to_end_and_skips_finished_runs(tmp_path, data_dir, capsys):
+    config = tiny_config(tmp_path, data_dir)
+    result = run(['compare.py', config, "--train={'max_iters': 4}"])
+    assert result.returncode == 0, result.stderr
+    cmp_dir = tmp_path / 'cmp'
+    for name in ('dense-s1', 'switch-s1'):
+        assert {'run.json', 'done.json', 'train.log', 'metrics.jsonl'} <= set(os.listdir(cmp_dir / name))
+    info = json.loads((cmp_dir / 'switch-s1' / 'run.json').read_text())
+    assert info['router'] == 'switch' and info['seed'] == 1
+    assert '--max_iters=4' in info['command'] and f'--data_dir={data_dir}' in info['command']  # file + flag
+    done = json.loads((cmp_dir / 'switch-s1' / 'done.json').read_text())
+    assert done['wall_s'] > 0 and done['command'] == info['command']
+
+    results = (cmp_dir / 'results.md').read_text()
+    number = r'[0-9][0-9,]*\.?[0-9]*'
+    assert re.search(rf"^\| dense \| {number} \| {number} \| n/a \| n/a \| n/a \| n/a \|", results, re.M), results
+    assert re.search(rf"^\| switch \| {number} \| {number} \| {number} \| n/a \| ({number}|never) \| {number} \|",
+                     results, re.M), results
+    assert "python compare.py" in results and "torch" in results and "Wall time" in results
+    if importlib.util.find_spec('matplotlib'):
+        assert (cmp_dir / 'loss.png').exists() and (cmp_dir / 'switch-s1' / 'load.png').exists()
+        assert 'Not drawn: `specialization.png`' in results
+    else:
+        assert 'matplotlib is not installed' in results
+
+    # the same command again: every run is finished, no train.py starts; without matplotlib
+    mtimes = {name: os.path.getmtime(cmp_dir / name / 'done.json') for name in ('dense-s1', 'switch-s1')}
+    block = ("import sys; sys.modules['matplotlib'] = None; __file__ = %r; "
+             "sys.argv = ['compare.py', %r, \"--train={'max_iters': 4}\"]; "
+             "exec(compile(open(__file__).read(), __file__, 'exec'))" % (os.path.join(REPO, 'compare.py'), config))
+    result = run(['-c', block])
+    assert result.returncode == 0, result.stderr
+    assert 'skipping dense-s1: finished' in result.stdout and 'skipping switch-s1: finished' in result.stdout
+    assert {name: os.path.getmtime(cmp_dir / name / 'done.json') for name in mtimes} == mtimes
+    results = (cmp_dir / 'results.md').read_text()
+    assert '0 runs trained, 2 already finished' in results
+    assert 'Skipped: matplotlib is not installed. `pip install matplotlib`' in results
+
+    # another train.py setting for a finished run: refused, not silently mixed into the table
+    with pytest.raises(SystemExit) as e:
+        compare.main([config, "--train={'max_iters': 6}"])
+    assert e.value.code == 2
+    assert_one_line_error(capsys.readouterr().err, 'dense-s1 holds a finished run of another train.py command')
+
+
+def test_compare_failing_run_is_one_line_error(tmp_path, data_dir, capsys):
+    with pytest.raises(SystemExit) as e:
+        compare.main([tiny_config(tmp_path, data_dir), "--per_router={'switch': {'capacity_factr': 1.0}}",
+                      "--routers=['switch']"])
+    assert e.value.code == 2
+    log = os.path.join(tmp_path / 'cmp', 'switch-s1', 'train.log')
+    assert_one_line_error(capsys.readouterr().err, 'run switch-s1 failed', "unknown config key 'capacity_factr'", log)
+    assert not os.path.exists(os.path.join(tmp_path / 'cmp', 'switch-s1', 'done.json'))
