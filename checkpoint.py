@@ -111,8 +111,8 @@ def load_checkpoint(path, map_location='cpu', required=('model', 'model_args')):
                                   f"({_first_line(e)})") from None
         found = re.search(r'WeightsUnpickler error:\s*([^\n]+)', message)
         reason = found.group(1).split('. ')[0].strip() if found else 'it names a class or function'
-        raise CheckpointError(f"checkpoint {path} was refused: loading it would run code ({reason}); "
-                              f"a checkpoint may hold only tensors and plain values, and nothing in it was run") from None
+        raise CheckpointError(f"checkpoint {path} was refused: loading it would run code ({reason}); a checkpoint "
+                              f"may hold only tensors and plain values, and nothing in it was run") from None
     except Exception as e:  # zip errors, EOF, garbage: torch raises many kinds
         raise CheckpointError(f"checkpoint {path} cannot be read: it is truncated or not a checkpoint "
                               f"({_first_line(e)})") from None
@@ -154,7 +154,8 @@ def rng_state():
         'torch': torch.get_rng_state(),
         'numpy': {'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos), 'has_gauss': int(has_gauss),
                   'cached_gaussian': float(cached_gaussian)},
-        'python': {'version': version, 'state': torch.tensor(python_state, dtype=torch.int64), 'gauss_next': gauss_next},
+        'python': {'version': version, 'state': torch.tensor(python_state, dtype=torch.int64),
+                   'gauss_next': gauss_next},
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state['cuda'] = torch.cuda.get_rng_state_all()
@@ -165,7 +166,8 @@ def set_rng_state(state):
     """Restore what rng_state returned (CUDA's only when this machine has as many GPUs)."""
     torch.set_rng_state(state['torch'].cpu())
     n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
     p = state['python']
     random.setstate((p['version'], tuple(p['state'].tolist()), p['gauss_next']))
     if 'cuda' in state and torch.cuda.is_available() and torch.cuda.device_count() == len(state['cuda']):

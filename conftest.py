@@ -1,6 +1,7 @@
 """Fixtures shared by the end-to-end tests: a tiny dataset, and a runner that starts
 train.py / sample.py runs without paying torch's import for each (forkrun.py)."""
 
+import os
 import pickle
 
 import numpy as np
@@ -11,6 +12,8 @@ from forkrun import ForkRunner
 
 @pytest.fixture(scope='session')
 def runner():
+    if not hasattr(os, 'fork'):
+        pytest.skip("forkrun needs os.fork (Linux, macOS)")
     r = ForkRunner()
     yield r
     r.close()

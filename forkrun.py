@@ -27,8 +27,9 @@ class ForkRunner:
 
     def run(self, args, script='train.py', cwd=REPO, timeout=240, sigint_after=None):
         """sigint_after=(path, n): send the run SIGINT (Ctrl-C) once the file at path has n lines."""
-        job = {'script': os.path.join(REPO, script), 'args': [str(a) for a in args], 'cwd': str(cwd), 'timeout': timeout,
-               'sigint_after': None if sigint_after is None else [str(sigint_after[0]), sigint_after[1]]}
+        watch = None if sigint_after is None else [str(sigint_after[0]), sigint_after[1]]
+        job = {'script': os.path.join(REPO, script), 'args': [str(a) for a in args], 'cwd': str(cwd),
+               'timeout': timeout, 'sigint_after': watch}
         self.server.stdin.write(json.dumps(job) + '\n')
         self.server.stdin.flush()
         line = self.server.stdout.readline()

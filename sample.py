@@ -60,7 +60,8 @@ try:  # weights_only: a checkpoint that would need code to load is refused, and 
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpt_path} describes a model this code cannot build: {e}") from None
     model = GPT(gptconf)
-    load_model_state(model, checkpoint['model'], ckpt_path)  # routers' state included (GatePro's step count, DeepSeek-V3's bias)
+    # the routers' state included (GatePro's step count, DeepSeek-V3's bias)
+    load_model_state(model, checkpoint['model'], ckpt_path)
 except CheckpointError as e:
     fail(e)
 model.eval()

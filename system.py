@@ -97,7 +97,8 @@ def load_meta(data_dir):
         raise ValueError(f"{path} was refused: it names {e}, and meta.pkl may hold only dicts, lists, "
                          f"strings and numbers (nothing in it was run)") from None
     except Exception as e:  # truncated, not a pickle, ...
-        raise ValueError(f"{path} cannot be read: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'file ends early'}") from None
+        detail = str(e).splitlines()[0] if str(e) else 'the file ends early'
+        raise ValueError(f"{path} cannot be read: {type(e).__name__}: {detail}") from None
     if not isinstance(meta, dict) or type(meta.get('vocab_size')) is not int or meta['vocab_size'] < 1:
         raise ValueError(f"{path} is not a dataset meta.pkl: it needs a dict with a positive integer vocab_size")
     return meta

@@ -252,7 +252,7 @@ ROUTER_ARGS = {
     'switch': [],  # input jitter on by default
     'noisy_topk': ['--top_k=2'],
     'expert_choice': [],
-    'aux_free': ['--top_k=2', '--aux_free_update_rate=0.003'],  # a bias that has moved by iteration N (0.1 flips back and forth)
+    'aux_free': ['--top_k=2', '--aux_free_update_rate=0.003'],  # a bias that has moved by N (0.1 flips back and forth)
     'hash': [],
 }
 VOLATILE = ('time_ms', 'tokens_per_s', 'mfu')
@@ -312,7 +312,8 @@ def test_ctrl_c_saves_and_the_run_resumes_exactly(runner, tiny_data, tmp_path):
     out_dir = tmp_path / 'out'
     env = {**os.environ, 'OMP_NUM_THREADS': '1'}
     process = subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), *args, f'--out_dir={out_dir}',
-                                '--max_iters=100000'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                '--max_iters=100000'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
     log = out_dir / 'metrics.jsonl'
     deadline = time.time() + 120
     while not (log.exists() and sum(1 for _ in open(log)) >= 4) and time.time() < deadline:
@@ -365,6 +366,7 @@ def test_a_second_ctrl_c_exits_at_once(runner, tmp_path):
 def test_save_on_interrupt_false_leaves_ctrl_c_alone(runner, tiny_data, tmp_path):
     out_dir = tmp_path / 'out'
     result = runner.run([*TINY, f'--data_dir={tiny_data}', f'--out_dir={out_dir}', '--max_iters=100000',
-                         '--eval_interval=1000', '--save_on_interrupt=False'], sigint_after=(out_dir / 'metrics.jsonl', 3))
+                         '--eval_interval=1000', '--save_on_interrupt=False'],
+                        sigint_after=(out_dir / 'metrics.jsonl', 3))
     assert result.returncode == 1 and 'KeyboardInterrupt' in result.stderr  # Python's default: no save
     assert not (out_dir / 'ckpt.pt').exists()

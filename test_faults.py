@@ -3,12 +3,9 @@ are not whole uint16 ids) and what it does with a non-finite loss: stop with one
 keep the last checkpoint, or skip the step and count it. End to end through forkrun's
 runner; the router-level finiteness tests are in test_routers.py."""
 
-import json
-import os
 import pickle
 
 import numpy as np
-import pytest
 import torch
 
 from checkpoint import DATA, seed_for
@@ -127,7 +124,8 @@ def test_skip_nonfinite_skips_exactly_the_bad_steps_and_counts_them(runner, tmp_
         f.write('')
     result = runner.run([*args, '--init_from=resume', '--max_iters=14', '--skip_nonfinite=True'])
     assert result.returncode == 0, result.stderr
-    assert [int(line.split()[4].rstrip(':')) for line in result.stdout.splitlines() if 'step skipped' in line] == bad_steps
+    skipped = [int(line.split()[4].rstrip(':')) for line in result.stdout.splitlines() if 'step skipped' in line]
+    assert skipped == bad_steps
     train = [r for r in records(out_dir) if r['split'] == 'train']
     assert [r['iter'] for r in train] == [it for it in range(2, 14) if it not in bad_steps]
     for r in train:

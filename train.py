@@ -318,6 +318,8 @@ if ddp:
     # would be a collective the other ranks never join; the router buffers (DeepSeek-V3's
     # bias, the hash map) are the same on every rank by construction, checked at the end
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+    for buffer in raw_model.buffers():  # once, at the start: DDP copied rank 0's parameters only
+        torch.distributed.broadcast(buffer, 0)
 
 
 @torch.no_grad()
