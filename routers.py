@@ -579,6 +579,9 @@ class ExpertChoiceRouter(Router):
                        gate_weight=self.gate.weight.detach())
 
 
+TINY = torch.finfo(torch.float32).tiny  # the smallest normal fp32: a denominator floor that changes no normal value
+
+
 def sequence_balance_loss(scores, topk_idx, seq_len):
     """DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437, eqs. 17-20),
     without its alpha, averaged over the B = N / seq_len sequences:
@@ -593,7 +596,8 @@ def sequence_balance_loss(scores, topk_idx, seq_len):
     k = topk_idx.size(1)
     chosen = torch.zeros_like(scores).scatter_(1, topk_idx, 1.0).view(-1, seq_len, n_exp)
     f = chosen.sum(dim=1) * n_exp / (k * seq_len)                                 # [B, E]
-    P = (scores / scores.sum(dim=-1, keepdim=True)).view(-1, seq_len, n_exp).mean(dim=1)  # [B, E]
+    # clamp: a token whose scores are all below fp32's smallest normal (logits below about -87) would divide 0 by 0
+    P = (scores / scores.sum(dim=-1, keepdim=True).clamp(min=TINY)).view(-1, seq_len, n_exp).mean(dim=1)  # [B, E]
     return (f * P).sum(dim=-1).mean()
 
 
@@ -632,7 +636,8 @@ class AuxFreeRouter(Router):
         scores = torch.sigmoid(logits)
         _, topk_idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1)  # b picks (eq. 16)
         topk_score = scores.gather(1, topk_idx)
-        topk_weight = self.scale * topk_score / topk_score.sum(dim=-1, keepdim=True)
+        # clamp: when every picked score is below fp32's smallest normal (logits below about -87), weights ~0, not 0/0
+        topk_weight = self.scale * topk_score / topk_score.sum(dim=-1, keepdim=True).clamp(min=TINY)
         token_idx, expert_idx, weight = flatten_choices(topk_idx, topk_weight)
         losses = self.standard_losses(logits, None, expert_idx)
         if self.seq_loss_coef > 0:

@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from checkpoint import CheckpointError, load_checkpoint, load_model_state
 from configurator import ConfigError, apply_overrides
 from model import GPT, GPTConfig
 from system import autocast_context, device_type_of, load_meta, pick_device, pick_dtype
@@ -52,19 +53,30 @@ torch.manual_seed(seed)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 if not os.path.exists(ckpt_path):
     fail(f"no checkpoint at {ckpt_path}; train first (python train.py) or pass --out_dir")
-checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
-model = GPT(GPTConfig(**checkpoint['model_args']))
-model.load_state_dict(checkpoint['model'])  # routers' state included (GatePro's step count, DeepSeek-V3's bias)
+try:  # weights_only: a checkpoint that would need code to load is refused, and nothing in it runs
+    checkpoint = load_checkpoint(ckpt_path, device)
+    try:
+        gptconf = GPTConfig(**checkpoint['model_args'])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt_path} describes a model this code cannot build: {e}") from None
+    model = GPT(gptconf)
+    # the routers' state included (GatePro's step count, DeepSeek-V3's bias)
+    load_model_state(model, checkpoint['model'], ckpt_path)
+except CheckpointError as e:
+    fail(e)
 model.eval()
 model.to(device)
 if compile:
     model = torch.compile(model)
 
 # the tokenizer: the dataset's meta.pkl (characters or a tiktoken encoding name)
-train_config = checkpoint.get('config', {})
+train_config = checkpoint.get('config') if isinstance(checkpoint.get('config'), dict) else {}
 repo_dir = os.path.dirname(os.path.abspath(__file__))
 data_dir = train_config.get('data_dir') or os.path.join(repo_dir, 'data', train_config.get('dataset', ''))
-meta = load_meta(data_dir)
+try:
+    meta = load_meta(data_dir)
+except ValueError as e:
+    fail(e)
 if meta is not None and 'stoi' in meta:
     stoi, itos = meta['stoi'], meta['itos']
     unknown = sorted(set(c for c in start if c not in stoi))

@@ -6,12 +6,10 @@ import importlib.util
 import json
 import math
 import os
-import pickle
 import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import compare
@@ -249,32 +247,16 @@ def test_config_errors(argv, message):
 # -----------------------------------------------------------------------------
 # compare.py end to end
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    """test_train.py's tiny dataset: 13 symbols, the next one in the alphabet 90% of the time."""
-    path = tmp_path_factory.mktemp('tinydata')
-    rng = np.random.default_rng(0)
-    chars = sorted('abcdefgh ijk\n')
-    steps = np.where(rng.random(24_000) < 0.9, 1, rng.integers(0, len(chars), 24_000))
-    ids = (np.cumsum(steps) % len(chars)).astype(np.uint16)
-    stoi = {c: i for i, c in enumerate(chars)}
-    ids[:20_000].tofile(path / 'train.bin')
-    ids[20_000:].tofile(path / 'val.bin')
-    with open(path / 'meta.pkl', 'wb') as f:
-        pickle.dump({'vocab_size': len(chars), 'stoi': stoi, 'itos': {i: c for c, i in stoi.items()}}, f)
-    return str(path)
-
-
-def tiny_config(tmp_path, data_dir):
+def tiny_config(tmp_path, tiny_data):
     path = tmp_path / 'tiny.py'
     path.write_text(f"routers = ['dense', 'switch']\nseeds = [1]\ncompare_dir = {str(tmp_path / 'cmp')!r}\n"
-                    f"train = dict(device='cpu', data_dir={data_dir!r}, n_layer=1, n_embd=16, n_head=2, n_exp=4,\n"
+                    f"train = dict(device='cpu', data_dir={tiny_data!r}, n_layer=1, n_embd=16, n_head=2, n_exp=4,\n"
                     f"             block_size=16, batch_size=4, max_iters=8, eval_interval=2, eval_iters=1, log_interval=1)\n")
     return str(path)
 
 
-def test_compare_end_to_end_and_skips_finished_runs(tmp_path, data_dir, capsys):
-    config = tiny_config(tmp_path, data_dir)
+def test_compare_end_to_end_and_skips_finished_runs(tmp_path, tiny_data, capsys):
+    config = tiny_config(tmp_path, tiny_data)
     result = run(['compare.py', config, "--train={'max_iters': 4}"])
     assert result.returncode == 0, result.stderr
     cmp_dir = tmp_path / 'cmp'
@@ -282,7 +264,7 @@ def test_compare_end_to_end_and_skips_finished_runs(tmp_path, data_dir, capsys):
         assert {'run.json', 'done.json', 'train.log', 'metrics.jsonl'} <= set(os.listdir(cmp_dir / name))
     info = json.loads((cmp_dir / 'switch-s1' / 'run.json').read_text())
     assert info['router'] == 'switch' and info['seed'] == 1
-    assert '--max_iters=4' in info['command'] and f'--data_dir={data_dir}' in info['command']  # file + flag
+    assert '--max_iters=4' in info['command'] and f'--data_dir={tiny_data}' in info['command']  # file + flag
     done = json.loads((cmp_dir / 'switch-s1' / 'done.json').read_text())
     assert done['wall_s'] > 0 and done['command'] == info['command']
 
@@ -319,9 +301,9 @@ def test_compare_end_to_end_and_skips_finished_runs(tmp_path, data_dir, capsys):
     assert_one_line_error(capsys.readouterr().err, 'dense-s1 holds a finished run of another train.py command')
 
 
-def test_compare_failing_run_is_one_line_error(tmp_path, data_dir, capsys):
+def test_compare_failing_run_is_one_line_error(tmp_path, tiny_data, capsys):
     with pytest.raises(SystemExit) as e:
-        compare.main([tiny_config(tmp_path, data_dir), "--per_router={'switch': {'capacity_factr': 1.0}}",
+        compare.main([tiny_config(tmp_path, tiny_data), "--per_router={'switch': {'capacity_factr': 1.0}}",
                       "--routers=['switch']"])
     assert e.value.code == 2
     log = os.path.join(tmp_path / 'cmp', 'switch-s1', 'train.log')

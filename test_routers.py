@@ -617,3 +617,55 @@ def test_router_contract(name):
     with torch.no_grad():
         a, b = router(h, token_ids), router(h, token_ids)
     assert torch.equal(a.expert_idx, b.expert_idx) and torch.equal(a.weight, b.weight)
+
+
+# -----------------------------------------------------------------------------
+# finite at the extremes: huge logits, all-equal logits, bf16 autocast
+
+EXTREME_LOGITS = {
+    'plus_minus_1e4': [[1e4, -1e4, 1e4, -1e4], [-1e4, 1e4, -1e4, -1e4], [1e4, 1e4, 1e4, -1e4]],
+    'all_minus_1e4': [[-1e4] * 4] * 3,
+    'all_plus_1e4': [[1e4] * 4] * 3,
+    'all_zero': [[0.0] * 4] * 3,
+}
+
+
+@pytest.mark.parametrize('autocast', [False, True], ids=['fp32', 'bf16_autocast'])
+@pytest.mark.parametrize('case', sorted(EXTREME_LOGITS))
+@pytest.mark.parametrize('name', sorted(ROUTERS))
+def test_router_is_finite_at_extreme_and_equal_logits(name, case, autocast):
+    """Every weight, loss and gradient stays finite when the gate's logits are +-1e4 (what
+    a diverging gate produces), all equal (perfect balance: ties everywhere, zero variance),
+    or both, in training and eval, with or without bf16 autocast. The gate is the identity on
+    the first 4 features, so h sets the logits exactly; for all_zero the gate rows are also
+    identical (GatePro's cosine similarity is then 1 for every pair)."""
+    config = router_config(router=name, n_embd=8, n_exp=4)
+    router = build_router(config)
+    logits = torch.tensor(EXTREME_LOGITS[case] * 2)  # N = 6 tokens: 2 sequences of 3
+    h = torch.cat([logits, torch.zeros(6, 4)], dim=1)
+    with torch.no_grad():
+        if router.gate is not None:
+            router.gate.weight.copy_(torch.eye(4, 8) if case != 'all_zero' else torch.ones(4, 8))
+        if name == 'noisy_topk':
+            router.noise.weight.copy_(torch.eye(4, 8))  # noise std softplus(+-1e4): 1e4 or 0
+    token_ids = torch.tensor([0, 1, 2, 3, 4, 5])
+    for training in (True, False):
+        router.train(training)
+        router.zero_grad()
+        h_in = h.clone().requires_grad_(True)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            r = router(h_in.to(torch.bfloat16) if autocast else h_in, token_ids, seq_len=3)
+            n_tokens = r.logits.size(0)
+            expert_out = torch.randn(r.n_pairs, 8)
+            order = torch.argsort(r.expert_idx, stable=True)
+            losses = {**r.losses, **router.output_losses(r, expert_out[order], order)}
+        what = f"{name}, {case}, {'train' if training else 'eval'}"
+        assert n_tokens == 6 and torch.isfinite(r.weight).all(), f"{what}: weights {r.weight}"
+        for loss_name, value in losses.items():
+            assert torch.isfinite(value), f"{what}: {loss_name} = {value}"
+        total = r.weight.float().sum() + sum(losses.values(), torch.zeros(()))
+        if total.requires_grad:
+            total.backward()
+            grads = [p.grad for p in router.parameters() if p.grad is not None]
+            assert all(torch.isfinite(g).all() for g in grads), f"{what}: non-finite gradient"
+            assert h_in.grad is None or torch.isfinite(h_in.grad).all(), f"{what}: non-finite gradient of h"

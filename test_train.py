@@ -24,23 +24,6 @@ def run(args, cwd=REPO, script='train.py'):
                           capture_output=True, text=True, timeout=240)
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-    """A small learnable character dataset (13 symbols, 20k train and 4k val tokens): a
-    Markov chain whose next symbol is the following one in the alphabet 90% of the time."""
-    path = tmp_path_factory.mktemp('tinydata')
-    rng = np.random.default_rng(0)
-    chars = sorted('abcdefgh ijk\n')
-    steps = np.where(rng.random(24_000) < 0.9, 1, rng.integers(0, len(chars), 24_000))
-    ids = (np.cumsum(steps) % len(chars)).astype(np.uint16)
-    stoi = {c: i for i, c in enumerate(chars)}
-    ids[:20_000].tofile(path / 'train.bin')
-    ids[20_000:].tofile(path / 'val.bin')
-    with open(path / 'meta.pkl', 'wb') as f:
-        pickle.dump({'vocab_size': len(chars), 'stoi': stoi, 'itos': {i: c for c, i in stoi.items()}}, f)
-    return str(path)
-
-
 def assert_one_line_error(result, *fragments):
     assert result.returncode == 2, result.stderr
     assert 'Traceback' not in result.stderr
@@ -84,9 +67,9 @@ def test_override_errors(argv, message):
 # train.py end to end
 
 
-def test_train_logs_checkpoints_resumes_and_samples(data_dir, tmp_path):
+def test_train_logs_checkpoints_resumes_and_samples(tiny_data, tmp_path):
     out_dir = str(tmp_path / 'out')
-    result = run([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=20', '--eval_interval=10',
+    result = run([*TINY, f'--data_dir={tiny_data}', f'--out_dir={out_dir}', '--max_iters=20', '--eval_interval=10',
                   '--learning_rate=1e-2'])
     assert result.returncode == 0, result.stderr
     assert 'step 10: train loss' in result.stdout and 'zero-token' in result.stdout  # routing table
@@ -95,7 +78,7 @@ def test_train_logs_checkpoints_resumes_and_samples(data_dir, tmp_path):
     records = [json.loads(line) for line in open(os.path.join(out_dir, 'metrics.jsonl'))]
     train = [r for r in records if r['split'] == 'train']
     val = [r for r in records if r['split'] == 'val']
-    assert [r['iter'] for r in train] == [0, 5, 10, 15, 20]
+    assert [r['iter'] for r in train] == [0, 5, 10, 15]  # 20 steps, 0..19; iteration 20 is evaluated
     assert [r['iter'] for r in val] == [0, 10, 20]
     for r in records:
         assert {'iter', 'split', 'loss', 'lr', 'losses', 'layers'} <= set(r)
@@ -116,20 +99,23 @@ def test_train_logs_checkpoints_resumes_and_samples(data_dir, tmp_path):
             assert layer['zero_token_experts_per_batch'] >= layer['zero_token_experts']
     assert val[-1]['loss'] < val[0]['loss']  # it learns
 
-    ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=False)
+    ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)
     assert ckpt['iter_num'] == 20 and ckpt['model_args']['n_exp'] == 4
     assert set(ckpt) >= {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config'}
 
     # resume: continues at the saved iteration, with the saved weights and optimizer
-    result = run([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=30', '--eval_interval=10',
+    result = run([*TINY, f'--data_dir={tiny_data}', f'--out_dir={out_dir}', '--max_iters=30', '--eval_interval=10',
                   '--init_from=resume'])
     assert result.returncode == 0, result.stderr
     assert 'resuming from' in result.stdout and 'at iter 20' in result.stdout
     records = [json.loads(line) for line in open(os.path.join(out_dir, 'metrics.jsonl'))]
-    assert [r['iter'] for r in records if r['split'] == 'val'] == [0, 10, 20, 20, 30]  # appended
-    resumed_val = [r['loss'] for r in records if r['split'] == 'val']
-    assert abs(resumed_val[3] - resumed_val[2]) < 0.3  # same model: not back at the initial loss
-    assert resumed_val[3] < resumed_val[0] - 0.1
+    # appended: the eval of iteration 20 is not repeated (the checkpoint was saved right after it)
+    assert [r['iter'] for r in records if r['split'] == 'val'] == [0, 10, 20, 30]
+    assert [r['iter'] for r in records if r['split'] == 'train'] == [0, 5, 10, 15, 20, 25]
+    resumed = [r for r in records if r['split'] == 'train' and r['iter'] == 20][0]
+    val = [r['loss'] for r in records if r['split'] == 'val']
+    assert abs(resumed['loss'] - val[2]) < 0.3  # same model: not back at the initial loss
+    assert resumed['loss'] < val[0] - 0.1
 
     # sample.py on that checkpoint, with the expert of each character
     result = run([f'--out_dir={out_dir}', '--num_samples=1', '--max_new_tokens=20', '--show_experts=True',
@@ -138,9 +124,9 @@ def test_train_logs_checkpoints_resumes_and_samples(data_dir, tmp_path):
     assert '<- layer 0' in result.stdout and '<- layer 1' in result.stdout
 
 
-def test_resume_errors_write_nothing(data_dir, tmp_path):
+def test_resume_errors_write_nothing(tiny_data, tmp_path):
     out_dir = tmp_path / 'out'
-    result = run([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--max_iters=4', '--eval_interval=2'])
+    result = run([*TINY, f'--data_dir={tiny_data}', f'--out_dir={out_dir}', '--max_iters=4', '--eval_interval=2'])
     assert result.returncode == 0, result.stderr
     ckpt_before = (out_dir / 'ckpt.pt').read_bytes()
     log_before = (out_dir / 'metrics.jsonl').read_text()
@@ -156,7 +142,7 @@ def test_resume_errors_write_nothing(data_dir, tmp_path):
     assert_one_line_error(result, 'vocab_size=13', 'vocab_size=3000')
 
     # an architecture change on resume
-    result = run([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', '--init_from=resume', '--n_layer=3'])
+    result = run([*TINY, f'--data_dir={tiny_data}', f'--out_dir={out_dir}', '--init_from=resume', '--n_layer=3'])
     assert_one_line_error(result, 'n_layer=3', "checkpoint's n_layer=2")
 
     assert (out_dir / 'ckpt.pt').read_bytes() == ckpt_before
@@ -173,9 +159,9 @@ def test_resume_errors_write_nothing(data_dir, tmp_path):
     (['--max_iters=ten'], ['max_iters expects int', "'ten'"]),
     (['--init_from=resume'], ['ckpt.pt does not exist']),
 ])
-def test_bad_settings_are_one_line_errors(data_dir, tmp_path, args, fragments):
+def test_bad_settings_are_one_line_errors(tiny_data, tmp_path, args, fragments):
     out_dir = tmp_path / 'out'
-    result = run([*TINY, f'--data_dir={data_dir}', f'--out_dir={out_dir}', *args])
+    result = run([*TINY, f'--data_dir={tiny_data}', f'--out_dir={out_dir}', *args])
     assert_one_line_error(result, *fragments)
     assert not out_dir.exists()  # nothing written
 

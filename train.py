@@ -5,8 +5,13 @@ On one device (cuda > mps > cpu, picked automatically):
 $ python train.py
 $ python train.py config/train_shakespeare_char_moe.py --router=topk --n_exp=16
 
-With DDP on 4 GPUs of one node:
+With DDP on 4 GPUs of one node, or on 2 nodes of 8 GPUs each (the same command on both
+nodes, node_rank 0 and 1, master_addr the address of node 0); add --device=cpu for CPUs (gloo):
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_char_moe.py
+$ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py
+
+Ctrl-C saves a checkpoint and exits (single process); --init_from=resume continues it, and
+any checkpoint, exactly where the run that wrote it stood.
 
 Every setting below is a config key. A bare argument is a config file (config/*.py),
 --key=value overrides one key; an unknown key or a value of the wrong type is an error.
@@ -27,16 +32,26 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from checkpoint import (DATA, EVAL, NOISE, CheckpointError, Interrupt, load_checkpoint, load_model_state,
+                        nonfinite_report, rng_state, save_checkpoint, seed_for, set_rng_state)
 from configurator import ConfigError, apply_overrides
+from ddp import all_reduce_stats, replicas_differ
 from metrics import CHARACTER_CLASSES, RoutingStats, character_class, format_routing_table
 from model import GPT, GPTConfig
-from system import autocast_context, device_type_of, keep_freed_memory_on_cpu, load_meta, pick_device, pick_dtype
+from system import (autocast_context, check_tokens, device_type_of, keep_freed_memory_on_cpu, load_meta, pick_device,
+                    pick_dtype)
 
 
 def fail(message):
     """Bad input ends here: one line on stderr, exit code 2, nothing written."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def stop(message, code=1):
+    """A run that cannot go on (a non-finite loss): one line on stderr, exit code 1."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 # -----------------------------------------------------------------------------
@@ -49,6 +64,8 @@ eval_iters = 20
 eval_only = False  # if True, evaluate once and exit
 always_save_checkpoint = False  # if False, save only when val loss improves
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+save_on_interrupt = True  # Ctrl-C saves a checkpoint at the end of the step and exits (a second Ctrl-C: at once)
+skip_nonfinite = False  # a non-finite loss: False = stop (the last checkpoint is kept), True = skip that step
 # wandb logging (imported only when enabled)
 wandb_log = False
 wandb_project = 'nanorouter'
@@ -124,7 +141,7 @@ if ddp:
         device = f'cuda:{ddp_local_rank}'
         torch.cuda.set_device(device)
     master_process = ddp_rank == 0
-    seed_offset = ddp_rank
+    seed_offset = ddp_rank  # the initial weights (DDP copies rank 0's); the batches and noise: see train_offsets
     if gradient_accumulation_steps % ddp_world_size != 0:
         fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
              f"{ddp_world_size} DDP processes")
@@ -132,6 +149,7 @@ if ddp:
 else:
     master_process = True
     seed_offset = 0
+    ddp_rank = 0
     ddp_world_size = 1
 device_type = device_type_of(device)
 if device_type == 'cpu':
@@ -163,13 +181,25 @@ if not os.path.exists(os.path.join(data_dir, 'meta.pkl')) and not os.path.exists
         custom_dir = data_dir != os.path.join(repo_dir, 'data', dataset)
         fail(f"dataset {dataset!r} not found: {os.path.join(data_dir, 'train.bin')} is missing; "
              f"run: python data/{dataset}/prepare.py" + (f" --out_dir={data_dir}" if custom_dir else ''))
-for split in ('train', 'val'):
-    n_tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2
-    if n_tokens <= block_size + 1:
-        fail(f"block_size={block_size} is longer than the {split} split of {dataset!r} ({n_tokens} tokens); "
-             f"lower --block_size")
-meta = load_meta(data_dir)
+try:
+    meta = load_meta(data_dir)
+except ValueError as e:
+    fail(e)
 meta_vocab_size = meta['vocab_size'] if meta else None
+# every token id must fit the vocabulary (else an IndexError deep in the embedding)
+vocab_source = (f"vocab_size in {os.path.join(data_dir, 'meta.pkl')}" if meta
+                else f"no meta.pkl: vocab_size={config['vocab_size']}")
+n_tokens = {}
+for split in ('train', 'val'):
+    try:
+        n_tokens[split] = check_tokens(os.path.join(data_dir, f'{split}.bin'), meta_vocab_size or config['vocab_size'],
+                                       vocab_source)
+    except ValueError as e:
+        fail(e)
+    if n_tokens[split] <= block_size + 1:
+        fail(f"block_size={block_size} is longer than the {split} split of {dataset!r} ({n_tokens[split]} tokens); "
+             f"lower --block_size")
+
 # a label per token for the specialization metric: its domain where the dataset has them
 # (domains: val_domain.bin), else its character class (letter, digit, ...); none for BPE
 label_names, class_of_token = None, None
@@ -180,10 +210,32 @@ elif meta and 'itos' in meta:
     class_of_token = torch.tensor([character_class(meta['itos'][i]) for i in range(meta['vocab_size'])])
 
 
-def get_batch(split, with_labels=False):
+# Batches are drawn from generators seeded per iteration (checkpoint.seed_for), never from
+# the global one: the batches of iteration i depend only on (seed, i). A training step draws
+# its whole global batch, gradient_accumulation_steps * ddp_world_size micro-batches, the
+# same on every rank, and rank r takes its rows: so a DDP run trains on exactly the batches
+# one process draws with gradient accumulation, and a resumed run on those of the
+# uninterrupted run. The eval batches of iteration i come from their own stream.
+eval_generator = torch.Generator()
+
+
+def train_offsets(it):
+    """[gradient_accumulation_steps, batch_size] start offsets of this rank's micro-batches
+    at iteration it: its slice of the step's global batch."""
+    generator = torch.Generator().manual_seed(seed_for(seed, it, DATA))
+    offsets = torch.randint(n_tokens['train'] - block_size, (ddp_world_size * gradient_accumulation_steps, batch_size),
+                            generator=generator)
+    return offsets[ddp_rank * gradient_accumulation_steps:(ddp_rank + 1) * gradient_accumulation_steps]
+
+
+def get_batch(split, ix=None, with_labels=False):
+    """x, y for the sequences starting at offsets ix [batch_size]; ix=None draws them from
+    eval_generator (train.py seeds it before each evaluation). with_labels: also each input
+    token's label (label_names), for the specialization metric."""
     # a fresh memmap every batch: numpy memmaps keep growing memory if reused (nanoGPT's note)
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-    ix = torch.randint(len(data) - block_size, (batch_size,))
+    if ix is None:
+        ix = torch.randint(len(data) - block_size, (batch_size,), generator=eval_generator)
     x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
     y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
     if with_labels:  # evaluation only: no need for pinned memory
@@ -210,17 +262,28 @@ def token_labels(split, ix, x):
 # model
 iter_num = 0
 best_val_loss = 1e9
+skipped_steps = 0  # steps skipped for a non-finite loss (skip_nonfinite=True), over the whole run
+evaluated_at = None  # a resumed checkpoint written right after the eval of this iteration: not evaluated again
+saved_iter = None  # the iteration of the checkpoint on disk that this run resumed from or wrote
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 model_args = {k: config[k] for k in model_keys}
 model_args['vocab_size'] = meta_vocab_size or config['vocab_size']  # no meta.pkl: GPT-2's 50257 padded to 50304
 if init_from == 'resume':
     if not os.path.exists(ckpt_path):
         fail(f"init_from='resume' but {ckpt_path} does not exist; train first or set --out_dir")
-    checkpoint = torch.load(ckpt_path, map_location=device, weights_only=False)
+    try:  # weights_only: a checkpoint that would need code to load is refused, and nothing in it runs
+        checkpoint = load_checkpoint(ckpt_path, device, required=('model', 'optimizer', 'model_args', 'iter_num',
+                                                                  'best_val_loss'))
+    except CheckpointError as e:
+        fail(e)
+    shape_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'n_exp', 'moe_every', 'expert_hidden',
+                  'n_shared_exp', 'router')
+    missing = [k for k in (*shape_keys, 'vocab_size') if k not in checkpoint['model_args']]
+    if missing:
+        fail(f"checkpoint {ckpt_path} is damaged: its model_args have no {', '.join(missing)}")
     # keys that set parameter shapes come from the checkpoint; the rest (coefficients,
     # capacity, dropout, router windows) may change on resume, e.g. to hot-swap a router
-    for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'n_exp', 'moe_every',
-              'expert_hidden', 'n_shared_exp', 'router'):
+    for k in shape_keys:
         if k in user_keys and config[k] != checkpoint['model_args'][k]:
             fail(f"{k}={config[k]} differs from the checkpoint's {k}={checkpoint['model_args'][k]}; "
                  f"drop --{k} to resume, or use another --out_dir")
@@ -234,16 +297,30 @@ except ValueError as e:
     fail(e)
 model = GPT(gptconf)
 if init_from == 'resume':
-    model.load_state_dict(checkpoint['model'])
-    iter_num = checkpoint['iter_num']
+    try:
+        load_model_state(model, checkpoint['model'], ckpt_path)
+    except CheckpointError as e:
+        fail(e)
+    iter_num = saved_iter = checkpoint['iter_num']
     best_val_loss = checkpoint['best_val_loss']
+    skipped_steps = checkpoint.get('skipped_steps', 0)
+    if checkpoint.get('evaluated', True) and not eval_only:
+        evaluated_at = iter_num  # saved right after this iteration's eval, which is in metrics.jsonl already
     print(f"resuming from {ckpt_path} at iter {iter_num}")
 model.to(device)
 
 scaler = torch.amp.GradScaler(device_type if device_type == 'cuda' else 'cpu', enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 if init_from == 'resume':
-    optimizer.load_state_dict(checkpoint['optimizer'])
+    try:
+        optimizer.load_state_dict(checkpoint['optimizer'])
+        if scaler.is_enabled() and checkpoint.get('scaler'):
+            scaler.load_state_dict(checkpoint['scaler'])
+        if 'rng' in checkpoint:
+            set_rng_state(checkpoint['rng'])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        fail(f"checkpoint {ckpt_path} is damaged: its optimizer or RNG state does not fit "
+             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 checkpoint = None  # free memory
 
 if master_process:
@@ -261,7 +338,12 @@ if compile:
     print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None)
+    # broadcast_buffers=False: rank 0 evaluates alone, and a forward that broadcasts buffers
+    # would be a collective the other ranks never join; the router buffers (DeepSeek-V3's
+    # bias, the hash map) are the same on every rank by construction, checked at the end
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+    for buffer in raw_model.buffers():  # once, at the start: DDP copied rank 0's parameters only
+        torch.distributed.broadcast(buffer, 0)
 
 
 @torch.no_grad()
@@ -306,17 +388,51 @@ if wandb_log and master_process:
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
 # -----------------------------------------------------------------------------
-# training loop
-X, Y = get_batch('train')
+# checkpoints (checkpoint.py): weights_only-loadable values, written atomically
+
+
+def save(evaluated):
+    """Save the state at the top of iteration iter_num. evaluated: this iteration's eval is
+    done and logged (a resumed run then skips it); False for a save on Ctrl-C."""
+    global saved_iter
+    save_checkpoint({
+        'model': raw_model.state_dict(),  # router buffers (DeepSeek-V3's bias) and GatePro's step count included
+        'optimizer': optimizer.state_dict(),
+        'scaler': scaler.state_dict(),
+        'model_args': asdict(gptconf),
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'config': config,
+        'evaluated': evaluated,
+        'skipped_steps': skipped_steps,
+        'rng': rng_state(),
+    }, ckpt_path)
+    saved_iter = iter_num
+
+
+interrupt = Interrupt()
+if save_on_interrupt and not ddp:  # under torchrun, Ctrl-C reaches torchrun too, and it ends the workers
+    interrupt.install()
+
+# -----------------------------------------------------------------------------
+# training loop: iterations iter_num .. max_iters - 1 train; iteration max_iters is only
+# evaluated (and saved when it improves), so a run never ends on a step it did not save
 t0 = time.time()
 local_iter_num = 0
 running_mfu = -1.0
 while True:
+    if interrupt.requested:
+        # the top of an iteration: a resumed run continues exactly from here
+        save(evaluated=False)
+        print(f"interrupted at iter {iter_num}: checkpoint saved to {ckpt_path}; continue with --init_from=resume "
+              f"--out_dir={out_dir}", file=sys.stderr)
+        sys.exit(130)
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
 
-    if iter_num % eval_interval == 0 and master_process:
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process and iter_num != evaluated_at:
+        eval_generator.manual_seed(seed_for(seed, iter_num, EVAL))  # the eval batches of this iteration
         losses, val_stats = estimate_loss()
         layers = val_stats.summary(tables=True)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -326,48 +442,80 @@ while True:
                   'lr': lr, 'losses': val_stats.loss_summary(), 'layers': layers, 'label_names': label_names})
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
-        if losses['val'] < best_val_loss or always_save_checkpoint:
+        if not math.isfinite(losses['val']):
+            print(f"val loss {losses['val']}: checkpoint not saved")  # never overwrite a good one with it
+        elif losses['val'] < best_val_loss or always_save_checkpoint:
             best_val_loss = min(best_val_loss, losses['val'])
             if iter_num > 0:
-                checkpoint = {
-                    'model': raw_model.state_dict(),  # router buffers (e.g. DeepSeek-V3 bias) included
-                    'optimizer': optimizer.state_dict(),
-                    'model_args': asdict(gptconf),
-                    'iter_num': iter_num,
-                    'best_val_loss': best_val_loss,
-                    'config': config,
-                }
                 print(f"saving checkpoint to {out_dir}")
-                # write then rename: an interrupted save never corrupts the last good checkpoint
-                torch.save(checkpoint, ckpt_path + '.tmp')
-                os.replace(ckpt_path + '.tmp', ckpt_path)
-    if iter_num == 0 and eval_only:
+                save(evaluated=True)
+    if eval_only or iter_num >= max_iters:
         break
 
     # forward, backward, update; gradient accumulation simulates a larger batch
-    log_step = iter_num % log_interval == 0 and master_process
+    log_step = iter_num % log_interval == 0  # on every rank: under DDP the logged metrics are the global batch's
     step_stats = RoutingStats()  # the routing of this step's batch: counts always, the rest on log steps
     step_lm_loss = torch.zeros((), device=device)
+    step_loss = torch.zeros((), device=device)  # everything trained on, router losses included
+    bad_layers = {}  # MoE layer -> its router's logits were not finite in some micro-step
+    offsets = train_offsets(iter_num)
+    X, Y = get_batch('train', offsets[0])
     for micro_step in range(gradient_accumulation_steps):
         if ddp:
             # synchronise gradients only on the last micro-step
             model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
+        # dropout and router noise from a seed of (iteration, micro-step of the global batch)
+        torch.manual_seed(seed_for(seed, iter_num, NOISE, ddp_rank * gradient_accumulation_steps + micro_step))
         with ctx:
             logits, lm_loss, router_losses, routings = model(X, Y, keep_expert_out=log_step)
             loss = (lm_loss + sum(router_losses.values())) / gradient_accumulation_steps
         step_stats.add(routings, router_losses, full=log_step)
         step_lm_loss += lm_loss.detach() / gradient_accumulation_steps
-        X, Y = get_batch('train')  # prefetch while the GPU works on backward
+        step_loss += loss.detach()
+        for layer, routing in routings.items():
+            bad = ~torch.isfinite(routing.logits).all()
+            bad_layers[layer] = bad if layer not in bad_layers else bad_layers[layer] | bad
+        if micro_step + 1 < gradient_accumulation_steps:
+            X, Y = get_batch('train', offsets[micro_step + 1])  # prefetch while the GPU works on backward
         scaler.scale(loss).backward()
+    grad_norm = None
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    # a non-finite loss (on any rank), or gradient outside fp16's loss scaling, must not reach the weights
+    check = step_loss if grad_norm is None or scaler.is_enabled() else step_loss + grad_norm
+    if ddp:
+        check = check.clone()
+        torch.distributed.all_reduce(check)
+    finite = bool(torch.isfinite(check))  # one sync per step
+    if finite:
+        scaler.step(optimizer)
+        scaler.update()
+    elif not master_process and not skip_nonfinite:
+        sys.exit(1)  # rank 0 says why
+    elif master_process:
+        report = nonfinite_report(iter_num, step_lm_loss.item(), step_stats.loss_summary(),
+                                  [layer for layer in sorted(bad_layers) if bad_layers[layer]],
+                                  None if grad_norm is None else grad_norm.item())
+        if not skip_nonfinite:  # nothing is saved: the checkpoint on disk is the last good one
+            kept = f"{ckpt_path} (iter {saved_iter}) is kept" if saved_iter is not None else "no checkpoint was written"
+            stop(f"{report}; training stopped, {kept}; --skip_nonfinite=True skips such steps")
     optimizer.zero_grad(set_to_none=True)
+    if not finite:
+        skipped_steps += 1
+        if grad_norm is not None and scaler.is_enabled():
+            scaler.update()  # the scaler saw the inf in unscale_: it lowers the scale
+        if master_process:
+            print(f"{report}; step skipped ({skipped_steps} so far)")
     # the routers learn how the step went (DeepSeek-V3's bias, GatePro's step count)
+    if ddp and log_step:
+        all_reduce_stats(step_stats, device)  # the metrics, losses and counts of the global batch
+        torch.distributed.all_reduce(step_lm_loss)
+        step_lm_loss /= ddp_world_size
     load_counts = step_stats.load_counts()
-    if ddp and load_counts:
+    if not finite:  # a skipped step routed nothing: GatePro still counts it, DeepSeek-V3's bias stays
+        load_counts = {layer: torch.zeros_like(counts) for layer, counts in load_counts.items()}
+    elif ddp and load_counts and not log_step:
         all_counts = torch.stack([load_counts[layer] for layer in sorted(load_counts)])
         torch.distributed.all_reduce(all_counts)  # the load of the whole global batch
         load_counts = dict(zip(sorted(load_counts), all_counts))
@@ -377,7 +525,7 @@ while True:
     t1 = time.time()
     dt = t1 - t0
     t0 = t1
-    if log_step:
+    if log_step and master_process and finite:
         router_losses = step_stats.loss_summary()
         lm_loss = step_lm_loss.item()
         if local_iter_num >= 5:  # let the training loop settle a bit
@@ -389,14 +537,23 @@ while True:
               f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu_text}")
         log_json({'iter': iter_num, 'split': 'train', 'loss': lm_loss, 'lr': lr, 'losses': router_losses,
                   'layers': step_stats.summary(), 'time_ms': dt * 1000, 'tokens_per_s': tokens_per_iter / dt,
-                  'mfu': running_mfu})
+                  'mfu': running_mfu, 'skipped_steps': skipped_steps})
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': lm_loss, 'lr': lr, 'mfu': running_mfu * 100,
                        **{f'router/{k}': v for k, v in router_losses.items()}})
     iter_num += 1
     local_iter_num += 1
-    if iter_num > max_iters:
-        break
 
 if ddp:
+    # every rank must end with the same model: DDP syncs gradients, the routers' own state
+    # (DeepSeek-V3's bias, GatePro's count) is updated from the all-reduced counts
+    differ = replicas_differ(raw_model)
+    if master_process:
+        if differ:
+            print(f"error: the {ddp_world_size} DDP ranks ended with different values of {', '.join(differ[:5])}"
+                  + (f" and {len(differ) - 5} more" if len(differ) > 5 else ''), file=sys.stderr)
+        else:
+            print(f"DDP: all {ddp_world_size} ranks hold the same weights and router state")
     destroy_process_group()
+    if differ:
+        sys.exit(1)

@@ -1,0 +1,36 @@
+"""Fixtures shared by the end-to-end tests: a tiny dataset, and a runner that starts
+train.py / sample.py runs without paying torch's import for each (forkrun.py)."""
+
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from forkrun import ForkRunner
+
+
+@pytest.fixture(scope='session')
+def runner():
+    if not hasattr(os, 'fork'):
+        pytest.skip("forkrun needs os.fork (Linux, macOS)")
+    r = ForkRunner()
+    yield r
+    r.close()
+
+
+@pytest.fixture(scope='session')
+def tiny_data(tmp_path_factory):
+    """A small learnable character dataset (13 symbols, 20k train and 4k val tokens): a
+    Markov chain whose next symbol is the following one in the alphabet 90% of the time."""
+    path = tmp_path_factory.mktemp('tiny_data')
+    rng = np.random.default_rng(0)
+    chars = sorted('abcdefgh ijk\n')
+    steps = np.where(rng.random(24_000) < 0.9, 1, rng.integers(0, len(chars), 24_000))
+    ids = (np.cumsum(steps) % len(chars)).astype(np.uint16)
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids[:20_000].tofile(path / 'train.bin')
+    ids[20_000:].tofile(path / 'val.bin')
+    with open(path / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': len(chars), 'stoi': stoi, 'itos': {i: c for c, i in stoi.items()}}, f)
+    return str(path)
