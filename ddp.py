@@ -10,9 +10,6 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-# RoutingStats totals (metrics.py) that are sums over the tokens and passes of a step
-SUMMED = ('counts', 'zero_per_pass', 'n_requested', 'n_pairs', 'entropy_sum', 'variance_sum', 'n_tokens',
-          'coactivation_sum', 'overlap_sum', 'overlap_tokens', 'label_counts')
 
 
 def all_reduce_stats(stats, device):
@@ -22,7 +19,7 @@ def all_reduce_stats(stats, device):
     slots = []  # (container, key, original value)
     for layer in sorted(stats.layers):
         totals = stats.layers[layer]
-        slots += [(totals, key, totals[key]) for key in SUMMED if key in totals]
+        slots += [(totals, key, totals[key]) for key in stats.SUMMED_TOTALS if key in totals]
     slots += [(stats.losses, name, stats.losses[name]) for name in sorted(stats.losses)]
     flat = [torch.as_tensor(value, dtype=torch.float64, device=device).reshape(-1) for _, _, value in slots]
     flat.append(torch.tensor([float(stats.n_passes)], dtype=torch.float64, device=device))

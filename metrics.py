@@ -124,6 +124,9 @@ def character_class(ch):
 class RoutingStats:
     """Running totals per MoE layer over the forward passes given to add() (the micro-steps
     of a training step, or the batches of an evaluation)."""
+    # the totals that are sums over tokens and passes: under DDP, ddp.py adds them over ranks
+    SUMMED_TOTALS = ('counts', 'zero_per_pass', 'n_requested', 'n_pairs', 'entropy_sum', 'variance_sum', 'n_tokens',
+                     'coactivation_sum', 'overlap_sum', 'overlap_tokens', 'label_counts')
 
     def __init__(self, label_names=None):
         self.layers = {}   # layer index -> dict of tensor totals
