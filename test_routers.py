@@ -620,7 +620,7 @@ def test_router_contract(name):
 
 
 # -----------------------------------------------------------------------------
-# finite at the extremes: huge logits, all-equal logits, bf16 autocast
+# finite at the extremes: huge logits, all-equal logits, bf16 and fp16 autocast
 
 EXTREME_LOGITS = {
     'plus_minus_1e4': [[1e4, -1e4, 1e4, -1e4], [-1e4, 1e4, -1e4, -1e4], [1e4, 1e4, 1e4, -1e4]],
@@ -630,13 +630,13 @@ EXTREME_LOGITS = {
 }
 
 
-@pytest.mark.parametrize('autocast', [False, True], ids=['fp32', 'bf16_autocast'])
+@pytest.mark.parametrize('autocast', [None, torch.bfloat16, torch.float16], ids=['fp32', 'bf16_autocast', 'fp16_autocast'])
 @pytest.mark.parametrize('case', sorted(EXTREME_LOGITS))
 @pytest.mark.parametrize('name', sorted(ROUTERS))
 def test_router_is_finite_at_extreme_and_equal_logits(name, case, autocast):
     """Every weight, loss and gradient stays finite when the gate's logits are +-1e4 (what
     a diverging gate produces), all equal (perfect balance: ties everywhere, zero variance),
-    or both, in training and eval, with or without bf16 autocast. The gate is the identity on
+    or both, in training and eval, in fp32 and under bf16 and fp16 autocast. The gate is the identity on
     the first 4 features, so h sets the logits exactly; for all_zero the gate rows are also
     identical (GatePro's cosine similarity is then 1 for every pair)."""
     config = router_config(router=name, n_embd=8, n_exp=4)
@@ -653,8 +653,8 @@ def test_router_is_finite_at_extreme_and_equal_logits(name, case, autocast):
         router.train(training)
         router.zero_grad()
         h_in = h.clone().requires_grad_(True)
-        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
-            r = router(h_in.to(torch.bfloat16) if autocast else h_in, token_ids, seq_len=3)
+        with torch.autocast('cpu', dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            r = router(h_in.to(autocast) if autocast else h_in, token_ids, seq_len=3)
             n_tokens = r.logits.size(0)
             expert_out = torch.randn(r.n_pairs, 8)
             order = torch.argsort(r.expert_idx, stable=True)
