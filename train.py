@@ -554,6 +554,7 @@ if ddp:
                   + (f" and {len(differ) - 5} more" if len(differ) > 5 else ''), file=sys.stderr)
         else:
             print(f"DDP: all {ddp_world_size} ranks hold the same weights and router state")
-    destroy_process_group()
+    torch.distributed.barrier()  # leave together: a rank that tears gloo down while another
+    destroy_process_group()      # still talks to it can abort the process at exit
     if differ:
         sys.exit(1)
