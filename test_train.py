@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from configurator import ConfigError, apply_overrides
+from test_checkpoint import assert_one_line_error
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 TINY = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--n_exp=4', '--top_k=2',
@@ -22,15 +23,6 @@ TINY = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--n_exp=4',
 def run(args, cwd=REPO, script='train.py'):
     return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=240)
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr
-    assert 'Traceback' not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: '), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 # -----------------------------------------------------------------------------
