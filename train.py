@@ -358,10 +358,12 @@ def estimate_loss():
         # a progress bar while a human waits at a terminal; none in logs or on other ranks
         for k in tqdm(range(eval_iters), desc=f"eval {split}", leave=False, disable=None if master_process else True):
             X, Y, labels = get_batch(split, with_labels=True)
+            measure = split == 'val'  # the log reports the routing of the val batches only
             with ctx:
-                _, lm_loss, router_losses, routings = model(X, Y, keep_expert_out=True)
+                _, lm_loss, router_losses, routings = model(X, Y, keep_expert_out=measure)
             losses[k] = lm_loss.item()
-            stats.add(routings, router_losses, labels=labels)
+            if measure:
+                stats.add(routings, router_losses, labels=labels)
         out[split] = losses.mean().item()
     model.train()
     return out, stats
