@@ -5,17 +5,25 @@ and plot what each router did.
 $ python compare.py config/compare_routers.py
 $ python compare.py config/compare_routers.py --seeds=[1337] --compare_dir=out-quick
 $ python compare.py config/compare_routers.py --routers="['topk', 'switch']" --train="{'max_iters': 100}"
+$ python compare.py config/results_dead_experts.py --jobs=2
 
 The keys (defaults below) come from a config file (plain Python, like train.py's) and
 then from --key=value flags, checked by configurator.py:
-  routers     names from routers.ROUTERS, and 'dense': the dense twin (n_exp=1, no router)
-  seeds       one run per router and seed
-  compare_dir a folder per run, compare_dir/<router>-s<seed>, and results.md
+  routers     the rows of the table: names from routers.ROUTERS, 'dense' (the dense twin:
+              n_exp=1, no router) and names of variants
+  variants    {name: {'router': a router or 'dense', train.py key: value, ...}}: a row that
+              is a router with its own settings, e.g. 'topk-noaux': {'router': 'topk',
+              'aux_loss_coef': 0.0}; its keys come after train
+  seeds       one run per row and seed
+  compare_dir a folder per run, compare_dir/<row>-s<seed>, and results.md
   train       {train.py key: value} for every run
   per_router  {router: {train.py key: value}} for that router's runs, after train
+  jobs        runs trained at once (each train.py gets OMP_NUM_THREADS = cores // jobs
+              unless OMP_NUM_THREADS is set); 1 = one after another
 A --train or --per_router flag adds to (updates) the config file's dict instead of
 replacing it, so `--train="{'device': 'cuda'}"` keeps the file's model size. compare.py
-sets seed, out_dir and router (or n_exp=1 for dense) itself. Keys a router fixes or
+sets seed, out_dir and router (or n_exp=1 for dense) itself, a variant's router from its
+'router' key. Keys a router fixes or
 refuses (top_k for switch and hash, aux_loss_coef for aux_free and expert_choice) belong
 in per_router, not in train.
 
@@ -39,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 from tqdm import tqdm
 
@@ -57,6 +66,8 @@ defaults = {
     'compare_dir': 'out-compare',
     'train': {},  # train.py keys for every run
     'per_router': {},  # {router: {train.py keys}} for one router's runs
+    'variants': {},  # {row name: {'router': router or 'dense', train.py keys}}
+    'jobs': 1,  # train.py processes at once
 }
 # -----------------------------------------------------------------------------
 
@@ -97,10 +108,20 @@ def check_train_keys(keys, where, reserved):
 
 def check_config(config):
     known = ['dense', *ROUTERS]
-    routers, seeds = config['routers'], config['seeds']
+    routers, seeds, variants = config['routers'], config['seeds'], config['variants']
     if not routers or not all(isinstance(r, str) for r in routers) or len(set(routers)) != len(routers):
         raise ConfigError(f"routers must be a non-empty list of different names, got {routers!r}")
-    for router in [*routers, *config['per_router']]:
+    if not isinstance(config['jobs'], int) or isinstance(config['jobs'], bool) or config['jobs'] < 1:
+        raise ConfigError(f"jobs must be an integer >= 1, got {config['jobs']!r}")
+    for name, keys in variants.items():
+        if not isinstance(name, str) or name in known or not name or '/' in name:
+            raise ConfigError(f"variant name {name!r} must be a new name (not a router, no '/')")
+        if not isinstance(keys, dict) or keys.get('router') not in known:
+            raise ConfigError(f"variants[{name!r}] needs 'router': one of {', '.join(known)}")
+    for router in routers:
+        if router not in known and router not in variants:
+            raise ConfigError(f"unknown router {router!r}; available: {', '.join(known)}, or a name in variants")
+    for router in config['per_router']:
         if router not in known:
             raise ConfigError(f"unknown router {router!r}; available: {', '.join(known)}")
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
@@ -112,6 +133,9 @@ def check_config(config):
     for router, keys in config['per_router'].items():
         # the dense twin is n_exp=1 by definition
         check_train_keys(keys, f"per_router[{router!r}]", reserved | ({'n_exp'} if router == 'dense' else set()))
+    for name, keys in variants.items():
+        rest = {k: v for k, v in keys.items() if k != 'router'}
+        check_train_keys(rest, f"variants[{name!r}]", reserved | ({'n_exp'} if keys['router'] == 'dense' else set()))
 
 
 def flag(key, value):
@@ -132,19 +156,22 @@ def shell_join(args):
 
 
 def plan_runs(config):
-    """[(name, router, seed, out_dir, command)] in table order: router by router, seed by seed."""
+    """[(name, row, seed, out_dir, command)] in table order: row by row, seed by seed. A row
+    is a router, 'dense' or a variant; a variant trains its 'router' with its own keys."""
     runs = []
-    for router in config['routers']:
+    for row in config['routers']:
+        variant = dict(config['variants'].get(row, {'router': row}))
+        router = variant.pop('router')
         for seed in config['seeds']:
-            name = f"{router}-s{seed}"
+            name = f"{row}-s{seed}"
             out_dir = os.path.join(config['compare_dir'], name)
-            keys = {**config['train'], **config['per_router'].get(router, {}), 'seed': seed, 'out_dir': out_dir}
+            keys = {**config['train'], **config['per_router'].get(router, {}), **variant, 'seed': seed, 'out_dir': out_dir}
             if router == 'dense':
                 keys['n_exp'] = 1  # in place of train's n_exp, if it sets one
             else:
                 keys['router'] = router
             command = [sys.executable, TRAIN, *(flag(k, v) for k, v in keys.items())]
-            runs.append((name, router, seed, out_dir, command))
+            runs.append((name, row, seed, out_dir, command))
     return runs
 
 
@@ -161,9 +188,19 @@ def same_run(done, command):
     return isinstance(done, dict) and done.get('command_argv', [None, None])[2:] == command[2:]
 
 
-def train_run(name, router, seed, out_dir, command):
-    """Run train.py; write run.json before and done.json after. Returns the wall time (s);
-    RuntimeError with a one-line message when train.py fails."""
+def child_env(jobs):
+    """The environment of the train.py processes: with several jobs at once, each gets an
+    equal share of the cores (torch would otherwise start one thread per core in each and
+    they would fight), unless OMP_NUM_THREADS is set already."""
+    env = dict(os.environ)
+    if jobs > 1 and 'OMP_NUM_THREADS' not in env:
+        env['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+def train_run(name, router, seed, out_dir, command, env=None):
+    """Run train.py (in env, default this process's); write run.json before and done.json
+    after. Returns the wall time (s); RuntimeError with a one-line message when train.py fails."""
     os.makedirs(out_dir, exist_ok=True)
     info = {'router': router, 'seed': seed, 'command': shell_join(command), 'command_argv': command}
     with open(os.path.join(out_dir, 'run.json'), 'w') as f:
@@ -171,7 +208,7 @@ def train_run(name, router, seed, out_dir, command):
     log_path = os.path.join(out_dir, 'train.log')
     t0 = time.time()
     with open(log_path, 'w') as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     wall = time.time() - t0
     if result.returncode != 0:
         # train.py ends bad settings with one 'error: ...' line: show it with the run
@@ -225,6 +262,7 @@ def run_stats(lines):
         'val_loss': last['loss'] if plot.is_number(last.get('loss')) else None,
         'tokens_per_s': mean(speeds_no_eval or speeds),
         'all_experts_iter': all_experts_used_iter(train),
+        'zero_token_train_mean': mean([v for line in train if (v := layer_mean(line, 'zero_token_experts')) is not None]),
     }
     for key in ('zero_token_experts', 'zero_token_experts_per_batch', 'max_vio', 'routing_variance',
                 'expert_overlap', 'pair_coactivation', 'specialization', 'router_entropy', 'load_cv',
@@ -263,6 +301,7 @@ MAIN_COLUMNS = [
     ('tokens_per_s', 'tokens/s', ',.0f'),
     ('zero_token_experts', 'zero-token experts', '.2f'),
     ('zero_token_experts_per_batch', 'zero-token per batch', '.2f'),
+    ('zero_token_train_mean', 'zero-token, training mean', '.2f'),
     ('all_experts_iter', 'iters until all experts used', '.0f'),
     ('max_vio', 'max_vio', '.3f'),
     ('routing_variance', 'routing_variance', '.4f'),
@@ -314,16 +353,20 @@ def results_markdown(config, runs, stats, walls, argv, wall_now, n_trained, plot
         torch_version = 'not installed'
     out = [
         '# Router comparison', '',
-        f"{len(routers)} router{'s' * (len(routers) != 1)} × {len(seeds)} seed{'s' * (len(seeds) != 1)} "
+        f"{len(routers)} setting{'s' * (len(routers) != 1)} × {len(seeds)} seed{'s' * (len(seeds) != 1)} "
         f"({', '.join(map(str, seeds))}), one run each, "
         f"same model and data. A cell is the mean ± sample standard deviation over the seeds "
         f"(the value alone for one seed); n/a: the runs do not log it (the dense twin has no router).", '',
         table(MAIN_COLUMNS, routers, stats_by_router), '',
         '- val loss: `loss` of the last val line (cross-entropy, router losses excluded).',
         '- tokens/s: mean over the logged training steps of `tokens_per_s`, leaving out the steps that '
-        'also ran an evaluation (their time includes it). Runs ran one after another on a shared machine.',
+        'also ran an evaluation (their time includes it). '
+        + ('Runs ran one after another' if config['jobs'] == 1 else f"{config['jobs']} runs trained at once")
+        + ' on a shared machine: compare speeds with care.',
         '- zero-token experts, zero-token per batch, max_vio, routing_variance, expert_overlap, '
         'pair_coactivation, specialization: the last val line, mean over the MoE layers.',
+        '- zero-token, training mean: zero_token_experts of every logged training step, mean over '
+        'the steps and the MoE layers: how many experts sat idle, on average, over the whole run.',
         '- iters until all experts used: the first logged training step from which on every logged '
         'step has zero_token_experts = 0 in every MoE layer (steps between logs are not seen); '
         '"never" when the last logged step still has an expert without tokens.', '',
@@ -331,18 +374,19 @@ def results_markdown(config, runs, stats, walls, argv, wall_now, n_trained, plot
         table(MORE_COLUMNS, routers, stats_by_router), '',
         '## How this was made', '',
         f"Command: `{shell_join(['python', *argv])}`", '',
-        'The train.py command of each router (its other seeds differ only in `--seed` and `--out_dir`; '
+        'The train.py command of each row (its other seeds differ only in `--seed` and `--out_dir`; '
         "every run's own is in its `run.json`):", '',
     ]
     for router in routers:
         command = next(c for _, r, _, _, c in runs if r == router)
         out.append(f"- {router}: `{shell_join(['python', 'train.py', *command[2:]])}`")
-    threads = os.environ.get('OMP_NUM_THREADS')
+    threads = child_env(config['jobs']).get('OMP_NUM_THREADS')
     out += [
         '',
         f"Machine: {platform.platform()}, {cpu_name()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, torch {torch_version}"
-        + (f", OMP_NUM_THREADS={threads}" if threads else '') + '.', '',
+        + (f", OMP_NUM_THREADS={threads}" if threads else '')
+        + (f", {config['jobs']} runs at once" if config['jobs'] > 1 else '') + '.', '',
         f"Wall time: {minutes(wall_now)} for this command ({n_trained} runs trained, "
         f"{len(runs) - n_trained} already finished); training summed over all {len(runs)} runs: "
         f"{minutes(sum(walls.values()))}.", '',
@@ -371,29 +415,47 @@ def main(argv, prog='compare.py'):
         fail(e)
     runs = plan_runs(config)
     walls = {}
-    n_trained = 0
-    bar = tqdm(runs, desc='runs', unit='run', disable=None)  # no bar when stderr is not a terminal
-    for name, router, seed, out_dir, command in bar:
+    todo = []
+    for name, router, seed, out_dir, command in runs:
         done = read_json(os.path.join(out_dir, 'done.json'))
-        if done is not None:
-            if not same_run(done, command):
-                bar.close()
-                fail(f"{out_dir} holds a finished run of another train.py command (see its done.json); "
-                     f"delete that folder or set another --compare_dir")
-            tqdm.write(f"skipping {name}: finished ({os.path.join(out_dir, 'done.json')})")
+        if done is None:
+            todo.append((name, router, seed, out_dir, command))
+        elif not same_run(done, command):
+            fail(f"{out_dir} holds a finished run of another train.py command (see its done.json); "
+                 f"delete that folder or set another --compare_dir")
+        else:
+            print(f"skipping {name}: finished ({os.path.join(out_dir, 'done.json')})")
             walls[name] = done.get('wall_s', 0.0)
-            continue
-        bar.set_postfix_str(name)
-        try:
-            walls[name] = train_run(name, router, seed, out_dir, command)
-        except RuntimeError as e:
-            bar.close()
-            fail(e)
-        except KeyboardInterrupt:
-            bar.close()
-            print(f"interrupted during run {name}; run the same command again to continue", file=sys.stderr)
-            sys.exit(130)
-        n_trained += 1
+    env = child_env(config['jobs'])
+    n_trained = 0
+    bar = tqdm(total=len(todo), desc='runs', unit='run', disable=None)  # no bar when stderr is not a terminal
+    # each run is its own train.py process; the threads here only wait for them
+    pool = ThreadPoolExecutor(max_workers=config['jobs'])
+    running = {pool.submit(train_run, *run, env=env): run[0] for run in todo}
+    try:
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                walls[name] = future.result()  # RuntimeError: that run failed
+                n_trained += 1
+                bar.update(1)
+                bar.set_postfix_str(name)
+    except RuntimeError as e:
+        for future in running:
+            future.cancel()  # runs not started yet never start; the ones training finish
+        pool.shutdown(wait=True)
+        bar.close()
+        fail(e)
+    except KeyboardInterrupt:
+        for future in running:
+            future.cancel()
+        bar.close()
+        # Ctrl-C reached the train.py processes too: each saves and exits
+        print(f"interrupted during {', '.join(running.values())}; run the same command again to continue",
+              file=sys.stderr)
+        sys.exit(130)
+    pool.shutdown()
     bar.close()
 
     try:

@@ -12,6 +12,9 @@ Into each OUT_DIR, one PNG per picture of that run:
     val_metrics.png      router metrics at every eval (gate_cos_sim, pair_coactivation, ...), a line per layer
 and one overlaid picture of all runs given:
     loss.png             training loss (logged steps) and val loss (evals), a line per run
+    curves.png           the runs grouped by router (their seeds): mean and spread over the
+                         seeds of val loss, zero-token experts, max_vio, pair co-activation,
+                         gate cosine similarity and expert overlap, vs iteration
 into --out=DIR, by default the runs' common parent folder (the run itself when only one
 is given; the current folder for sibling runs such as `out` and `out2`).
 
@@ -321,6 +324,65 @@ def plot_losses(plt, runs, path):
     return save(plt, fig, path)
 
 
+def layer_mean_series(lines, split, key):
+    """{iteration: mean over the MoE layers of key} for one run; the whole-model value for
+    'loss'."""
+    series = {}
+    for line in by_iter(lines, split):
+        if key == 'loss':
+            values = [line['loss']] if is_number(line.get('loss')) else []
+        else:
+            values = [entry[key] for entry in line.get('layers') or []
+                      if isinstance(entry, dict) and is_number(entry.get(key))]
+        if values:
+            series[line['iter']] = sum(values) / len(values)
+    return series
+
+
+# (split, key, title) of the panels of curves.png
+CURVES = [
+    ('val', 'loss', 'val loss'),
+    ('train', 'zero_token_experts', 'zero-token experts per training step (layer mean)'),
+    ('val', 'max_vio', 'max_vio (val, layer mean)'),
+    ('val', 'pair_coactivation', 'pair co-activation (val, layer mean)'),
+    ('val', 'gate_cos_sim', 'gate cosine similarity (val, layer mean)'),
+    ('val', 'expert_overlap', 'expert overlap (val, layer mean)'),
+]
+
+
+def plot_group_curves(plt, runs, path):
+    """runs: [(label, group, lines)]. A line per group: the mean over its runs (seeds) at
+    each iteration, with a band from the smallest to the largest run. Returns path."""
+    groups = list(dict.fromkeys(group for _, group, _ in runs))
+    colours = plt.get_cmap('tab10' if len(groups) <= 10 else 'tab20')
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for ax, (split, key, title) in zip(axes.flat, CURVES):
+        for g, group in enumerate(groups):
+            per_run = [layer_mean_series(lines, split, key) for _, name, lines in runs if name == group]
+            iters = sorted({i for series in per_run for i in series})
+            if not iters:
+                continue
+            values = [[series[i] for series in per_run if i in series] for i in iters]
+            colour = colours(g % colours.N)
+            ax.plot(iters, [sum(v) / len(v) for v in values], color=colour, linewidth=1.2, label=group)
+            if len(per_run) > 1:
+                ax.fill_between(iters, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.15)
+        ax.set_title(title, fontsize='medium')
+        ax.set_xlabel('iteration')
+        if not ax.get_lines():
+            ax.text(0.5, 0.5, 'not logged', ha='center', va='center', transform=ax.transAxes, color='grey')
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc='lower center', ncol=min(len(groups), 6), fontsize='small')
+    n_runs = {group: sum(1 for _, g, _ in runs if g == group) for group in groups}
+    seeds = sorted(set(n_runs.values()))
+    fig.suptitle(f"mean over {'/'.join(map(str, seeds))} run{'s' * (seeds != [1])} per line; "
+                 "band: smallest to largest run")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
+
+
 # (file, function, what the run must log for it)
 PICTURES = [
     ('zero_token.png', plot_zero_token, 'MoE layers on the train lines'),
@@ -364,6 +426,7 @@ def plot_runs(out_dirs, out=None, runs_lines=None):
     out = out or default_out(out_dirs)
     os.makedirs(out, exist_ok=True)
     written.append(plot_losses(plt, runs, os.path.join(out, 'loss.png')))
+    written.append(plot_group_curves(plt, runs, os.path.join(out, 'curves.png')))
     return written, skipped
 
 

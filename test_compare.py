@@ -88,6 +88,8 @@ def test_run_stats_by_hand():
     assert stats['expert_overlap'] == pytest.approx(0.15)
     assert stats['specialization'] == pytest.approx(1.0)  # mean of 0.5 and 1.5
     assert stats['zero_token_experts'] == 0 and stats['zero_token_experts_per_batch'] == 0.5
+    # layer means of the train lines: .5, 0, .5, 0, 0 -> 1/5
+    assert stats['zero_token_train_mean'] == pytest.approx(0.2)
 
     plain = compare.run_stats(metrics_lines(optional=False))
     assert plain['expert_overlap'] is None and plain['specialization'] is None and plain['gate_angle'] is None
@@ -142,7 +144,7 @@ def test_plot_writes_every_png(tmp_path, capsys):
     assert sorted(os.listdir(plain)) == sorted(['metrics.jsonl', 'zero_token.png', 'load.png', 'val_metrics.png'])
     assert os.listdir(dense) == ['metrics.jsonl']
     assert sorted(os.listdir(odd)) == sorted(os.listdir(plain))
-    assert (tmp_path / 'loss.png').exists()  # the overlay goes to the runs' common parent
+    assert (tmp_path / 'loss.png').exists() and (tmp_path / 'curves.png').exists()  # to the runs' common parent
     for name in every:
         assert os.path.join(full, name) in printed
     assert str(tmp_path / 'loss.png') in printed
@@ -152,7 +154,17 @@ def test_plot_writes_every_png(tmp_path, capsys):
         assert os.path.getsize(path) < 300_000  # dpi 100: small files
 
     plot.main([dense, f'--out={tmp_path / "figs"}'])
-    assert os.listdir(tmp_path / 'figs') == ['loss.png']
+    assert sorted(os.listdir(tmp_path / 'figs')) == ['curves.png', 'loss.png']
+
+
+def test_layer_mean_series_by_hand():
+    lines = metrics_lines()
+    # train zero_token_experts, layers 0/1 at 0..40: 1/0, 0/0, 0/1, 0/0, 0/0
+    assert plot.layer_mean_series(lines, 'train', 'zero_token_experts') == {0: 0.5, 10: 0.0, 20: 0.5, 30: 0.0, 40: 0.0}
+    # val max_vio is 0.2 and 0.4 in both evals; val loss 3.0 - it/20 is the model's, not a layer mean
+    assert plot.layer_mean_series(lines, 'val', 'max_vio') == pytest.approx({0: 0.3, 30: 0.3})
+    assert plot.layer_mean_series(lines, 'val', 'loss') == {0: 3.0, 30: 1.5}
+    assert plot.layer_mean_series(lines, 'val', 'expert_overlap') == {}
 
 
 def test_run_labels(tmp_path):
@@ -237,11 +249,40 @@ def test_config_flags_update_the_dicts(tmp_path):
     (["--train={'n_layer': [2]}"], "train['n_layer'] = [2]"),
     (["--per_router={'switch': 3}"], "per_router['switch'] must be a dict of train.py keys"),
     (['--sedes=[1]'], "unknown config key 'sedes'"),
+    (['--jobs=0'], 'jobs must be an integer >= 1'),
+    (["--variants={'topk': {'router': 'topk'}}"], "variant name 'topk' must be a new name"),
+    (["--variants={'k1': {'top_k': 1}}"], "variants['k1'] needs 'router'"),
+    (["--variants={'k1': {'router': 'topk', 'seed': 1}}"], "variants['k1'] sets 'seed'"),
+    (["--variants={'big': {'router': 'dense', 'n_exp': 4}}"], "variants['big'] sets 'n_exp'"),
 ])
 def test_config_errors(argv, message):
     with pytest.raises(compare.ConfigError) as e:
         compare.load_config(argv)
     assert message in str(e.value)
+
+
+def test_variants_are_rows_with_their_own_keys():
+    config = compare.load_config(["--routers=['topk', 'noaux', 'wide']", '--seeds=[5]',
+                                  "--train={'n_exp': 8, 'aux_loss_coef': 0.01}",
+                                  "--per_router={'topk': {'z_loss_coef': 0.0}}",
+                                  "--variants={'noaux': {'router': 'topk', 'aux_loss_coef': 0.0}, "
+                                  "'wide': {'router': 'dense', 'n_embd': 32}}"])
+    (_, row0, _, _, topk), (name, row, _, out_dir, noaux), (_, _, _, _, wide) = compare.plan_runs(config)
+    assert row0 == 'topk' and '--aux_loss_coef=0.01' in topk and '--z_loss_coef=0.0' in topk
+    # the variant: its router, the router's per_router keys, then its own keys over train's
+    assert name == 'noaux-s5' and row == 'noaux' and out_dir.endswith('noaux-s5')
+    assert '--router=topk' in noaux and '--aux_loss_coef=0.0' in noaux and '--z_loss_coef=0.0' in noaux
+    assert '--aux_loss_coef=0.01' not in noaux
+    assert '--n_exp=1' in wide and '--n_embd=32' in wide and not any(a.startswith('--router=') for a in wide)
+
+
+def test_child_env_shares_the_cores(monkeypatch):
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+    monkeypatch.setattr(os, 'cpu_count', lambda: 8)
+    assert 'OMP_NUM_THREADS' not in compare.child_env(1)
+    assert compare.child_env(2)['OMP_NUM_THREADS'] == '4' and compare.child_env(16)['OMP_NUM_THREADS'] == '1'
+    monkeypatch.setenv('OMP_NUM_THREADS', '3')  # the user's choice wins
+    assert compare.child_env(2)['OMP_NUM_THREADS'] == '3'
 
 
 # -----------------------------------------------------------------------------
@@ -257,7 +298,7 @@ def tiny_config(tmp_path, tiny_data):
 
 def test_compare_end_to_end_and_skips_finished_runs(tmp_path, tiny_data, capsys):
     config = tiny_config(tmp_path, tiny_data)
-    result = run(['compare.py', config, "--train={'max_iters': 4}"])
+    result = run(['compare.py', config, "--train={'max_iters': 4}", '--jobs=2'])
     assert result.returncode == 0, result.stderr
     cmp_dir = tmp_path / 'cmp'
     for name in ('dense-s1', 'switch-s1'):
@@ -270,13 +311,14 @@ def test_compare_end_to_end_and_skips_finished_runs(tmp_path, tiny_data, capsys)
 
     results = (cmp_dir / 'results.md').read_text()
     number = r'[0-9][0-9,]*\.?[0-9]*'
-    assert re.search(rf"^\| dense \| {number} \| {number} \| n/a \| n/a \| n/a \| n/a \|", results, re.M), results
+    assert re.search(rf"^\| dense \| {number} \| {number} \| n/a \| n/a \| n/a \| n/a \| n/a \|", results, re.M), results
     # switch is top-1: no expert_overlap; every other column has a number
-    assert re.search(rf"^\| switch \| {number} \| {number} \| {number} \| {number} \| ({number}|never) \| {number} \| "
+    assert re.search(rf"^\| switch \| {number} \| {number} \| {number} \| {number} \| {number} \| ({number}|never) \| {number} \| "
                      rf"{number} \| n/a \| {number} \| {number} \|", results, re.M), results
     assert "python compare.py" in results and "torch" in results and "Wall time" in results
+    assert '2 runs trained at once' in results and 'OMP_NUM_THREADS=' in results
     if importlib.util.find_spec('matplotlib'):
-        assert (cmp_dir / 'loss.png').exists() and (cmp_dir / 'switch-s1' / 'load.png').exists()
+        assert (cmp_dir / 'loss.png').exists() and (cmp_dir / 'curves.png').exists() and (cmp_dir / 'switch-s1' / 'load.png').exists()
         assert (cmp_dir / 'switch-s1' / 'specialization.png').exists()
     else:
         assert 'matplotlib is not installed' in results
