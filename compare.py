@@ -399,7 +399,9 @@ def results_markdown(config, runs, stats, walls, argv, wall_now, n_trained, plot
     else:
         written, skipped = plots
         per_run = [p for p, _, _ in plot.PICTURES if any(os.path.basename(w) == p for w in written)]
-        out.append(f"`loss.png`: the losses of all runs. In each run's folder: {', '.join(f'`{p}`' for p in per_run)}. "
+        out.append("`loss.png`: the losses of all runs; `curves.png` (and `zero_token_layers.png`, per layer): each "
+                   "row's mean over its seeds vs iteration. "
+                   f"In each run's folder: {', '.join(f'`{p}`' for p in per_run)}. "
                    f"Redraw with `python plot.py {config['compare_dir']}/*-s* --out={config['compare_dir']}`.")
         for picture, needs in dict.fromkeys((picture, needs) for _, picture, needs in skipped):
             n = sum(1 for _, p, _ in skipped if p == picture)

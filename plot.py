@@ -15,6 +15,8 @@ and one overlaid picture of all runs given:
     curves.png           the runs grouped by router (their seeds): mean and spread over the
                          seeds of val loss, zero-token experts, max_vio, pair co-activation,
                          gate cosine similarity and expert overlap, vs iteration
+    zero_token_layers.png  the same grouping: zero-token experts per training step, a panel
+                         per MoE layer (not drawn when no run has MoE layers)
 into --out=DIR, by default the runs' common parent folder (the run itself when only one
 is given; the current folder for sibling runs such as `out` and `out2`).
 
@@ -324,19 +326,49 @@ def plot_losses(plt, runs, path):
     return save(plt, fig, path)
 
 
-def layer_mean_series(lines, split, key):
-    """{iteration: mean over the MoE layers of key} for one run; the whole-model value for
-    'loss'."""
+def layer_series(lines, split, key, layer=None):
+    """{iteration: value of key} for one run: of one MoE layer, or the mean over the layers
+    (layer=None); the whole-model value for 'loss'."""
     series = {}
     for line in by_iter(lines, split):
         if key == 'loss':
             values = [line['loss']] if is_number(line.get('loss')) else []
         else:
             values = [entry[key] for entry in line.get('layers') or []
-                      if isinstance(entry, dict) and is_number(entry.get(key))]
+                      if isinstance(entry, dict) and is_number(entry.get(key)) and layer in (None, entry.get('layer'))]
         if values:
             series[line['iter']] = sum(values) / len(values)
     return series
+
+
+def plot_group_lines(ax, runs, series_of, colours, groups):
+    """On ax, a line per group: the mean over its runs at each iteration, and a band from the
+    smallest to the largest run. series_of(lines) -> {iteration: value}."""
+    for g, group in enumerate(groups):
+        per_run = [series_of(lines) for _, name, lines in runs if name == group]
+        iters = sorted({i for series in per_run for i in series})
+        if not iters:
+            continue
+        values = [[series[i] for series in per_run if i in series] for i in iters]
+        colour = colours(g % colours.N)
+        ax.plot(iters, [sum(v) / len(v) for v in values], color=colour, linewidth=1.2, label=group)
+        if len(per_run) > 1:
+            ax.fill_between(iters, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.15)
+    ax.set_xlabel('iteration')
+    if not ax.get_lines():
+        ax.text(0.5, 0.5, 'not logged', ha='center', va='center', transform=ax.transAxes, color='grey')
+
+
+def finish_group_figure(plt, fig, axes, runs, groups, path):
+    handles, labels = next((ax.get_legend_handles_labels() for ax in axes if ax.get_lines()), ([], []))
+    fig.legend(handles, labels, loc='lower center', ncol=min(len(groups), 6), fontsize='small')
+    seeds = sorted({sum(1 for _, g, _ in runs if g == group) for group in groups})
+    fig.suptitle(f"mean over {'/'.join(map(str, seeds))} run{'s' * (seeds != [1])} per line; "
+                 "band: smallest to largest run")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
 
 
 # (split, key, title) of the panels of curves.png
@@ -351,36 +383,31 @@ CURVES = [
 
 
 def plot_group_curves(plt, runs, path):
-    """runs: [(label, group, lines)]. A line per group: the mean over its runs (seeds) at
-    each iteration, with a band from the smallest to the largest run. Returns path."""
+    """runs: [(label, group, lines)]. A panel per entry of CURVES, a line per group (the
+    seeds of a router). Returns path."""
     groups = list(dict.fromkeys(group for _, group, _ in runs))
     colours = plt.get_cmap('tab10' if len(groups) <= 10 else 'tab20')
     fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
     for ax, (split, key, title) in zip(axes.flat, CURVES):
-        for g, group in enumerate(groups):
-            per_run = [layer_mean_series(lines, split, key) for _, name, lines in runs if name == group]
-            iters = sorted({i for series in per_run for i in series})
-            if not iters:
-                continue
-            values = [[series[i] for series in per_run if i in series] for i in iters]
-            colour = colours(g % colours.N)
-            ax.plot(iters, [sum(v) / len(v) for v in values], color=colour, linewidth=1.2, label=group)
-            if len(per_run) > 1:
-                ax.fill_between(iters, [min(v) for v in values], [max(v) for v in values], color=colour, alpha=0.15)
+        plot_group_lines(ax, runs, lambda lines: layer_series(lines, split, key), colours, groups)
         ax.set_title(title, fontsize='medium')
-        ax.set_xlabel('iteration')
-        if not ax.get_lines():
-            ax.text(0.5, 0.5, 'not logged', ha='center', va='center', transform=ax.transAxes, color='grey')
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc='lower center', ncol=min(len(groups), 6), fontsize='small')
-    n_runs = {group: sum(1 for _, g, _ in runs if g == group) for group in groups}
-    seeds = sorted(set(n_runs.values()))
-    fig.suptitle(f"mean over {'/'.join(map(str, seeds))} run{'s' * (seeds != [1])} per line; "
-                 "band: smallest to largest run")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return finish_group_figure(plt, fig, list(axes.flat), runs, groups, path)
+
+
+def plot_group_zero_token(plt, runs, path):
+    """Zero-token experts per training step, a panel per MoE layer, a line per group.
+    Returns path, or None when no run has MoE layers."""
+    layers = sorted({layer for _, _, lines in runs for layer in layer_ids(by_iter(lines, 'train'))})
+    if not layers:
+        return None
+    groups = list(dict.fromkeys(group for _, group, _ in runs))
+    colours = plt.get_cmap('tab10' if len(groups) <= 10 else 'tab20')
+    fig, axes = panel_grid(plt, len(layers), height=3.5)
+    for ax, layer in zip(axes, layers):
+        plot_group_lines(ax, runs, lambda lines: layer_series(lines, 'train', 'zero_token_experts', layer),
+                         colours, groups)
+        ax.set_title(f"layer {layer}: experts with no token", fontsize='medium')
+    return finish_group_figure(plt, fig, axes, runs, groups, path)
 
 
 # (file, function, what the run must log for it)
@@ -427,6 +454,9 @@ def plot_runs(out_dirs, out=None, runs_lines=None):
     os.makedirs(out, exist_ok=True)
     written.append(plot_losses(plt, runs, os.path.join(out, 'loss.png')))
     written.append(plot_group_curves(plt, runs, os.path.join(out, 'curves.png')))
+    zero_token = plot_group_zero_token(plt, runs, os.path.join(out, 'zero_token_layers.png'))
+    if zero_token:
+        written.append(zero_token)
     return written, skipped
 
 

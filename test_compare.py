@@ -144,7 +144,8 @@ def test_plot_writes_every_png(tmp_path, capsys):
     assert sorted(os.listdir(plain)) == sorted(['metrics.jsonl', 'zero_token.png', 'load.png', 'val_metrics.png'])
     assert os.listdir(dense) == ['metrics.jsonl']
     assert sorted(os.listdir(odd)) == sorted(os.listdir(plain))
-    assert (tmp_path / 'loss.png').exists() and (tmp_path / 'curves.png').exists()  # to the runs' common parent
+    for name in ('loss.png', 'curves.png', 'zero_token_layers.png'):  # to the runs' common parent
+        assert (tmp_path / name).exists()
     for name in every:
         assert os.path.join(full, name) in printed
     assert str(tmp_path / 'loss.png') in printed
@@ -157,14 +158,15 @@ def test_plot_writes_every_png(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / 'figs')) == ['curves.png', 'loss.png']
 
 
-def test_layer_mean_series_by_hand():
+def test_layer_series_by_hand():
     lines = metrics_lines()
     # train zero_token_experts, layers 0/1 at 0..40: 1/0, 0/0, 0/1, 0/0, 0/0
-    assert plot.layer_mean_series(lines, 'train', 'zero_token_experts') == {0: 0.5, 10: 0.0, 20: 0.5, 30: 0.0, 40: 0.0}
+    assert plot.layer_series(lines, 'train', 'zero_token_experts') == {0: 0.5, 10: 0.0, 20: 0.5, 30: 0.0, 40: 0.0}
+    assert plot.layer_series(lines, 'train', 'zero_token_experts', layer=1) == {0: 0, 10: 0, 20: 1, 30: 0, 40: 0}
     # val max_vio is 0.2 and 0.4 in both evals; val loss 3.0 - it/20 is the model's, not a layer mean
-    assert plot.layer_mean_series(lines, 'val', 'max_vio') == pytest.approx({0: 0.3, 30: 0.3})
-    assert plot.layer_mean_series(lines, 'val', 'loss') == {0: 3.0, 30: 1.5}
-    assert plot.layer_mean_series(lines, 'val', 'expert_overlap') == {}
+    assert plot.layer_series(lines, 'val', 'max_vio') == pytest.approx({0: 0.3, 30: 0.3})
+    assert plot.layer_series(lines, 'val', 'loss') == {0: 3.0, 30: 1.5}
+    assert plot.layer_series(lines, 'val', 'expert_overlap') == {}
 
 
 def test_run_labels(tmp_path):
