@@ -20,12 +20,12 @@ then from --key=value flags, checked by configurator.py:
   per_router  {router: {train.py key: value}} for that router's runs, after train
   jobs        runs trained at once (each train.py gets OMP_NUM_THREADS = cores // jobs
               unless OMP_NUM_THREADS is set); 1 = one after another
-A --train or --per_router flag adds to (updates) the config file's dict instead of
-replacing it, so `--train="{'device': 'cuda'}"` keeps the file's model size. compare.py
-sets seed, out_dir and router (or n_exp=1 for dense) itself, a variant's router from its
-'router' key. Keys a router fixes or
-refuses (top_k for switch and hash, aux_loss_coef for aux_free and expert_choice) belong
-in per_router, not in train.
+A --train, --per_router or --variants flag adds to (updates) the config file's dict
+instead of replacing it, so `--train="{'device': 'cuda'}"` keeps the file's model size.
+compare.py sets seed, out_dir and router (or n_exp=1 for dense) itself; a variant's router
+comes from its 'router' key. Keys a router fixes or refuses (top_k for switch and hash,
+aux_loss_coef for aux_free and expert_choice) belong in per_router or a variant, not in
+train.
 
 Each run is `python train.py --key=value ...` in a subprocess, its output in
 out_dir/train.log. out_dir/run.json (router, seed, command) is written when a run starts,
@@ -33,8 +33,9 @@ out_dir/done.json (the same, and its wall time) when it exits 0. A run with done
 skipped, so an interrupted comparison continues where it stopped (an unfinished run starts
 again from scratch); a finished run whose train.py arguments differ from the ones the
 config now gives is refused rather than mixed into the table. Then compare_dir/results.md
-gets a table, a row per router, mean ± std over the seeds, each column defined under it,
-and plot.py draws every run (when matplotlib is installed).
+gets a table, a row per router or variant, mean ± std over the seeds, each column defined
+under it, and plot.py draws every run and the rows' means (when matplotlib is installed).
+With jobs > 1 and a failing run, the runs already training finish before the error.
 """
 
 import importlib.metadata
@@ -85,6 +86,8 @@ def load_config(argv):
         config, _ = apply_overrides(config, [arg])
         if arg.startswith('--train='):
             config['train'] = {**before['train'], **config['train']}
+        elif arg.startswith('--variants='):
+            config['variants'] = {**before['variants'], **config['variants']}
         elif arg.startswith('--per_router='):
             merged = dict(before['per_router'])
             for router, keys in config['per_router'].items():
@@ -434,31 +437,39 @@ def main(argv, prog='compare.py'):
     # each run is its own train.py process; the threads here only wait for them
     pool = ThreadPoolExecutor(max_workers=config['jobs'])
     running = {pool.submit(train_run, *run, env=env): run[0] for run in todo}
+    errors = []
     try:
         while running:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 name = running.pop(future)
-                walls[name] = future.result()  # RuntimeError: that run failed
+                try:
+                    walls[name] = future.result()
+                except (RuntimeError, OSError) as e:
+                    if not errors:  # runs not started yet never start; the ones training finish
+                        for queued in running:
+                            queued.cancel()
+                    errors.append(str(e))
+                    still = [n for f, n in running.items() if f.running()]
+                    if still:
+                        tqdm.write(f"run {name} failed; waiting for {', '.join(still)} to finish (Ctrl-C stops them)")
+                    continue
                 n_trained += 1
                 bar.update(1)
                 bar.set_postfix_str(name)
-    except RuntimeError as e:
-        for future in running:
-            future.cancel()  # runs not started yet never start; the ones training finish
-        pool.shutdown(wait=True)
-        bar.close()
-        fail(e)
     except KeyboardInterrupt:
+        active = [n for f, n in running.items() if f.running()]
         for future in running:
             future.cancel()
         bar.close()
         # Ctrl-C reached the train.py processes too: each saves and exits
-        print(f"interrupted during {', '.join(running.values())}; run the same command again to continue",
+        print(f"interrupted during {', '.join(active) or 'the runs'}; run the same command again to continue",
               file=sys.stderr)
         sys.exit(130)
     pool.shutdown()
     bar.close()
+    if errors:
+        fail(errors[0] + (f" (and {len(errors) - 1} more failed run{'s' * (len(errors) > 2)})" if len(errors) > 1 else ''))
 
     try:
         lines = {name: plot.read_metrics(out_dir) for name, _, _, out_dir, _ in runs}

@@ -91,8 +91,9 @@ def is_number(x):
 
 
 def run_label(out_dir):
-    """(label, group): 'topk s1337' and 'topk' from run.json or config.json; the folder
-    name for both when neither says."""
+    """(label, group): 'topk s1337' and the row 'topk' from compare.py's run.json; 'topk
+    s1337' and the folder name from train.py's config.json; the folder name for both when
+    neither says."""
     for name in ('run.json', 'config.json'):
         try:
             with open(os.path.join(out_dir, name)) as f:
@@ -105,7 +106,12 @@ def run_label(out_dir):
         if name == 'config.json' and is_number(info.get('n_exp')) and info['n_exp'] <= 1:
             router = 'dense'  # train.py's dense twin keeps a router name it does not use
         seed = info.get('seed')
-        return (f"{router} s{seed}" if seed is not None else router), router
+        label = f"{router} s{seed}" if seed is not None else router
+        if name == 'config.json':
+            # runs of train.py alone: nothing says which of them share a setting, so each is
+            # its own group (compare.py's run.json names the row its seeds belong to)
+            return label, os.path.basename(os.path.normpath(os.path.abspath(out_dir)))
+        return label, router
     name = os.path.basename(os.path.normpath(os.path.abspath(out_dir)))
     return name, name
 

@@ -174,7 +174,7 @@ def test_run_labels(tmp_path):
     os.makedirs(tmp_path / 'b')
     with open(tmp_path / 'b' / 'config.json', 'w') as f:
         json.dump({'router': 'topk', 'seed': 3, 'n_exp': 1}, f)
-    assert plot.run_label(str(tmp_path / 'b')) == ('dense s3', 'dense')
+    assert plot.run_label(str(tmp_path / 'b')) == ('dense s3', 'b')
     assert plot.run_label(str(tmp_path / 'c') + '/') == ('c', 'c')
 
 
