@@ -266,6 +266,7 @@ def run_stats(lines):
         'tokens_per_s': mean(speeds_no_eval or speeds),
         'all_experts_iter': all_experts_used_iter(train),
         'zero_token_train_mean': mean([v for line in train if (v := layer_mean(line, 'zero_token_experts')) is not None]),
+        'dropped_train_mean': mean([v for line in train if (v := layer_mean(line, 'dropped_frac')) is not None]),
     }
     for key in ('zero_token_experts', 'zero_token_experts_per_batch', 'max_vio', 'routing_variance',
                 'expert_overlap', 'pair_coactivation', 'specialization', 'router_entropy', 'load_cv',
@@ -316,6 +317,7 @@ MORE_COLUMNS = [
     ('router_entropy', 'router_entropy', '.3f'),
     ('load_cv', 'load_cv', '.3f'),
     ('dropped_frac', 'dropped_frac', '.4f'),
+    ('dropped_train_mean', 'dropped, training mean', '.4f'),
     ('gate_cos_sim', 'gate_cos_sim', '.3f'),
     ('gate_angle', 'gate_angle', '.3f'),
     ('gate_spectral_entropy', 'gate_spectral_entropy', '.3f'),
@@ -328,6 +330,30 @@ def table(columns, routers, stats_by_router):
     for router in routers:
         runs = stats_by_router[router]
         lines.append(f"| {router} | " + ' | '.join(cell([s[key] for s in runs], spec) for key, _, spec in columns) + ' |')
+    return '\n'.join(lines)
+
+
+def paired_table(routers, seeds, val_loss):
+    """Val loss seed by seed, and each row minus the first row at the same seed (mean ± std
+    over the seeds both have). Runs with the same seed train on the same batches (train.py
+    draws iteration i's batch from (seed, i)), so the paired difference leaves out how easy
+    a seed's batches happen to be, which the spread of a row's mean keeps in.
+    val_loss: {(row, seed): loss or None}."""
+    base = routers[0]
+    lines = ['| router | ' + ' | '.join(f"seed {seed}" for seed in seeds) + f" | minus {base}, same seed |",
+             '| --- ' * (len(seeds) + 2) + '|']
+    for router in routers:
+        losses = [val_loss[router, seed] for seed in seeds]
+        diffs = [val_loss[router, seed] - val_loss[base, seed] for seed in seeds
+                 if val_loss[router, seed] is not None and val_loss[base, seed] is not None]
+        if router == base:
+            paired = 'baseline'
+        elif not diffs:
+            paired = 'n/a'
+        else:
+            m, sd = mean_std(diffs)
+            paired = f"{m:+.4f}" + (f" ± {sd:.4f}" if sd is not None else '') + f" ({sum(d < 0 for d in diffs)} of {len(diffs)} lower)"
+        lines.append(f"| {router} | " + ' | '.join('n/a' if v is None else f"{v:.4f}" for v in losses) + f" | {paired} |")
     return '\n'.join(lines)
 
 
@@ -373,7 +399,13 @@ def results_markdown(config, runs, stats, walls, argv, wall_now, n_trained, plot
         '- iters until all experts used: the first logged training step from which on every logged '
         'step has zero_token_experts = 0 in every MoE layer (steps between logs are not seen); '
         '"never" when the last logged step still has an expert without tokens.', '',
-        'More of the last val line, mean over the MoE layers:', '',
+        'Val loss seed by seed, and minus the first row\'s at the same seed (the runs of one seed '
+        'train on the same batches, so this difference is not blurred by how easy a seed\'s '
+        'batches are):', '',
+        paired_table(routers, seeds, {(router, seed): stats[name]['val_loss'] for name, router, seed, _, _ in runs}), '',
+        'More of the last val line, mean over the MoE layers; dropped, training mean: dropped_frac '
+        'of every logged training step, mean over the steps and the MoE layers (training drops '
+        'past capacity_factor, an eval past eval_capacity_factor):', '',
         table(MORE_COLUMNS, routers, stats_by_router), '',
         '## How this was made', '',
         f"Command: `{shell_join(['python', *argv])}`", '',

@@ -90,6 +90,14 @@ def test_run_stats_by_hand():
     assert stats['zero_token_experts'] == 0 and stats['zero_token_experts_per_batch'] == 0.5
     # layer means of the train lines: .5, 0, .5, 0, 0 -> 1/5
     assert stats['zero_token_train_mean'] == pytest.approx(0.2)
+    assert stats['dropped_train_mean'] == 0.0
+
+    lines = metrics_lines()
+    train = plot.by_iter(lines, 'train')
+    train[1]['layers'][0]['dropped_frac'] = 0.1  # iteration 10, layer 0
+    train[2]['layers'][1]['dropped_frac'] = 0.3  # iteration 20, layer 1
+    # layer means by iteration 0, .05, .15, 0, 0 -> .2 / 5; the val lines' dropped_frac (0) do not count
+    assert compare.run_stats(lines)['dropped_train_mean'] == pytest.approx(0.04)
 
     plain = compare.run_stats(metrics_lines(optional=False))
     assert plain['expert_overlap'] is None and plain['specialization'] is None and plain['gate_angle'] is None
@@ -121,6 +129,17 @@ def test_mean_std_and_cells_by_hand():
     assert compare.cell([None, None], '.3f') == 'n/a'
     assert compare.cell([math.inf, math.inf], '.0f') == 'never'
     assert compare.cell([10, math.inf, 30], '.0f') == '20 ± 14 (never in 1 of 3)'
+
+
+def test_paired_table_by_hand():
+    val_loss = {('topk', 1): 1.5, ('topk', 2): 1.7, ('ortho', 1): 1.4, ('ortho', 2): 1.5,
+                ('dense', 1): 1.6, ('dense', 2): None}
+    lines = compare.paired_table(['topk', 'ortho', 'dense'], [1, 2], val_loss).splitlines()
+    assert lines[0] == '| router | seed 1 | seed 2 | minus topk, same seed |'
+    assert lines[2] == '| topk | 1.5000 | 1.7000 | baseline |'
+    # differences -0.1 and -0.2: mean -0.15, sample std sqrt(((.05)^2 + (.05)^2) / 1) = 0.0707
+    assert lines[3] == '| ortho | 1.4000 | 1.5000 | -0.1500 ± 0.0707 (2 of 2 lower) |'
+    assert lines[4] == '| dense | 1.6000 | n/a | +0.1000 (0 of 1 lower) |'  # one seed in common: no spread
 
 
 # -----------------------------------------------------------------------------
@@ -216,16 +235,19 @@ def test_plot_cli_errors(tmp_path):
 # -----------------------------------------------------------------------------
 # compare.py: the config
 
-def test_default_config_plans_18_runs():
+def test_default_config_plans_21_runs():
     config = compare.load_config([os.path.join(REPO, 'config', 'compare_routers.py')])
     runs = compare.plan_runs(config)
-    assert len(runs) == 18 and runs[0][0] == 'dense-s1337' and runs[-1][0] == 'switch-s1339'
+    assert len(runs) == 21 and runs[0][0] == 'dense-s1337' and runs[-1][0] == 'switch-nodrop-s1339'
     # keys a router fixes or refuses are per router, never for all
     assert not {'top_k', 'aux_loss_coef', 'z_loss_coef'} & set(config['train'])
     name, router, seed, out_dir, command = runs[0]
     assert '--n_exp=1' in command and not any(arg.startswith('--router=') for arg in command)
     assert command[-1] == '--out_dir=' + os.path.join('out-compare', 'dense-s1337')
-    assert runs[-1][4][-1] == '--router=switch' and '--n_exp=8' in runs[-1][4]
+    switch = next(command for name, _, _, _, command in runs if name == 'switch-s1339')
+    assert switch[-1] == '--router=switch' and '--n_exp=8' in switch
+    # the variant: the same router with room for every token
+    assert runs[-1][4][-1] == '--router=switch' and '--capacity_factor=8.0' in runs[-1][4]
 
 
 def test_config_flags_update_the_dicts(tmp_path):

@@ -1,12 +1,8 @@
-# Routers side by side: 6 routers x 3 seeds = 18 runs of one small MoE GPT on the default
-# 'domains' dataset (train.py generates it on first use), then out-compare/results.md.
-#   OMP_NUM_THREADS=1 python compare.py config/compare_routers.py
-# Time: one run of the slowest router at these sizes (ortho_var, seed 1337) took 76 s wall
-# (done.json's wall_s) with OMP_NUM_THREADS=1 on a 2-core AMD EPYC VM shared with another
-# job (load average 1.5-2.1), measured with
-#   OMP_NUM_THREADS=1 python compare.py config/compare_routers.py --routers="['ortho_var']" --seeds=[1337]
-# (a topk run of the same size took 54 s on the machine with less load). 18 runs x 76 s
-# = 23 min, plus about half a minute for results.md and the plots: under 30 minutes.
+# Routers side by side: 6 routers and a Switch variant x 3 seeds = 21 runs of one small MoE
+# GPT on the default 'domains' dataset (train.py generates it on first use), then
+# out-compare/results.md and its plots.
+#   python compare.py config/compare_routers.py --jobs=2
+# RESULTS.md has the tables, the wall time on the 2-core CPU and what they say.
 #
 # On a GPU, a bigger model (sizes only; the --train flag updates the dict below; not run
 # here, this machine has no GPU):
@@ -14,7 +10,9 @@
 #     'n_layer': 8, 'n_head': 8, 'n_embd': 512, 'block_size': 256, 'batch_size': 32,
 #     'max_iters': 5000, 'lr_decay_iters': 5000, 'warmup_iters': 200, 'eval_interval': 250, 'eval_iters': 50}"
 
-routers = ['dense', 'topk', 'gatepro', 'ortho_var', 'aux_free', 'switch']  # 'dense': the dense twin, n_exp=1
+routers = ['dense', 'topk', 'gatepro', 'ortho_var', 'aux_free', 'switch', 'switch-nodrop']  # 'dense': the dense twin, n_exp=1
+# Switch with room for every token (capacity 8 x N / 8 experts = N): does dropping explain its loss?
+variants = {'switch-nodrop': dict(router='switch', capacity_factor=8.0, eval_capacity_factor=8.0)}
 seeds = [1337, 1338, 1339]
 compare_dir = 'out-compare'
 
