@@ -1,6 +1,6 @@
 # Where experts die: 32 experts, top-2, on the default 'domains' dataset. Without a balance
 # loss top-k leaves most experts of the upper layers without tokens for the whole run; does
-# GatePro (Zhang et al., arXiv 2510.13079) bring them back, with its penalty lambda = 1e4
+# GatePro (Zheng et al., arXiv 2510.13079) bring them back, with its penalty lambda = 1e4
 # (this project's default) and with the paper's literal 1e-4? Each with and without the
 # Switch balance loss (aux_loss_coef 0.01, the routers' default).
 #   python compare.py config/results_dead_experts.py --jobs=2

@@ -1,4 +1,4 @@
-# GatePro hot-swap (Zhang et al., arXiv 2510.13079, ask when the competition helps): on for
+# GatePro hot-swap (Zheng et al., arXiv 2510.13079, ask when the competition helps): on for
 # the first 25 / 50 / 75% of training and then off, against always on and never (plain
 # top-k), in the dead-experts setting of results_dead_experts.py (32 experts, top-2,
 # lambda = 1e4): without a balance loss, and with the Switch balance loss (0.01, the
