@@ -250,6 +250,18 @@ def test_default_config_plans_21_runs():
     assert runs[-1][4][-1] == '--router=switch' and '--capacity_factor=8.0' in runs[-1][4]
 
 
+@pytest.mark.parametrize('name', sorted(n for n in os.listdir(os.path.join(REPO, 'config'))
+                                         if n.startswith(('results_', 'compare_'))))
+def test_every_comparison_config_plans_its_runs(name):
+    """The configs of RESULTS.md load, pass compare.py's checks and plan one run per row and seed."""
+    config = compare.load_config([os.path.join(REPO, 'config', name)])
+    runs = compare.plan_runs(config)
+    assert len(runs) == len(config['routers']) * len(config['seeds']) >= 2
+    assert all(out_dir.startswith(config['compare_dir'] + os.sep) for _, _, _, out_dir, _ in runs)
+    if name.endswith('_gpu.py'):
+        assert all('--device=cuda' in command for *_, command in runs)
+
+
 def test_config_flags_update_the_dicts(tmp_path):
     config_file = tmp_path / 'cmp.py'
     config_file.write_text("routers = ['topk', 'switch']\ntrain = dict(n_layer=2, max_iters=10)\n"

@@ -5,10 +5,7 @@
 # Switch balance loss (aux_loss_coef 0.01, the routers' default).
 #   python compare.py config/results_dead_experts.py --jobs=2
 # writes out-results-dead-experts/results.md and curves.png; RESULTS.md has the numbers and
-# how long it took. On a GPU, the same question at a larger size (not run here: no GPU):
-#   python compare.py config/results_dead_experts.py --compare_dir=out-results-dead-experts-gpu
-#     --train="{'device': 'cuda', 'n_exp': 64, 'n_layer': 8, 'n_head': 8, 'n_embd': 256,
-#     'block_size': 256, 'batch_size': 32, 'max_iters': 3000, 'lr_decay_iters': 3000}"
+# how long it took. On a GPU, the same question at a larger size: results_dead_experts_gpu.py.
 
 routers = ['topk-noaux', 'gatepro-noaux', 'gatepro-1e-4-noaux', 'topk', 'gatepro', 'gatepro-1e-4']
 variants = {

@@ -1,0 +1,13 @@
+# results_dead_experts.py at a larger size, for a CUDA GPU (not run yet: the machines this
+# project was measured on have none): 64 experts, 8 layers x 256 wide, block 256, batch 32,
+# 3000 iterations, bf16 autocast (train.py's default on CUDA).
+#   python compare.py config/results_dead_experts_gpu.py
+# writes out-results-dead-experts-gpu/results.md and its plots.
+import os
+
+exec(open(os.path.join(os.path.dirname(__file__), 'results_dead_experts.py')).read())
+
+train = {**train, 'device': 'cuda', 'n_exp': 64, 'n_layer': 8, 'n_head': 8, 'n_embd': 256,
+         'block_size': 256, 'batch_size': 32, 'max_iters': 3000, 'lr_decay_iters': 3000,
+         'warmup_iters': 100, 'eval_interval': 250, 'eval_iters': 20}
+compare_dir = 'out-results-dead-experts-gpu'
