@@ -236,6 +236,11 @@ def layer_mean(line, key):
                  if isinstance(entry, dict) and plot.is_number(entry.get(key))])
 
 
+def training_mean(train, key):
+    """Mean over the logged training steps of a per-layer number's mean over the MoE layers."""
+    return mean([v for line in train if (v := layer_mean(line, key)) is not None])
+
+
 def all_experts_used_iter(train):
     """The iteration from which every expert got tokens for good: the first logged training
     step such that in it and in every later logged step, every MoE layer has
@@ -265,8 +270,8 @@ def run_stats(lines):
         'val_loss': last['loss'] if plot.is_number(last.get('loss')) else None,
         'tokens_per_s': mean(speeds_no_eval or speeds),
         'all_experts_iter': all_experts_used_iter(train),
-        'zero_token_train_mean': mean([v for line in train if (v := layer_mean(line, 'zero_token_experts')) is not None]),
-        'dropped_train_mean': mean([v for line in train if (v := layer_mean(line, 'dropped_frac')) is not None]),
+        'zero_token_train_mean': training_mean(train, 'zero_token_experts'),
+        'dropped_train_mean': training_mean(train, 'dropped_frac'),
     }
     for key in ('zero_token_experts', 'zero_token_experts_per_batch', 'max_vio', 'routing_variance',
                 'expert_overlap', 'pair_coactivation', 'specialization', 'router_entropy', 'load_cv',
