@@ -6,6 +6,7 @@ $ python bench.py --threads=1          # one thread only (--threads=all: all cor
 $ python bench.py --quick=True         # a smoke run: fewer steps, noisier ratios
 $ python bench.py --device=cuda        # bf16 autocast, grouped GEMM experts
 $ python bench.py --profile=True       # where the time of one step goes, by component
+$ python bench.py --ffn=True           # one layer's FFN alone: dense MLP against the experts
 
 Models compared are timed interleaved (A, B, C, A, B, C, ... with the order rotated each
 round, `steps` timed steps each after `warmup`; `router_steps` for the per-router table,
@@ -43,7 +44,7 @@ from torch.utils._pytree import tree_leaves
 
 from configurator import ConfigError, apply_overrides
 from metrics import RoutingStats
-from model import GPT, GPTConfig
+from model import GPT, MLP, Experts, GPTConfig
 from routers import ROUTERS
 from system import autocast_context, keep_freed_memory_on_cpu, pick_device, pick_dtype
 
@@ -58,6 +59,7 @@ threads = 'all,1'  # CPU thread counts to measure at, in order: 'all' (or 0) = e
                    # runs, and 1. On a shared machine the all-core numbers are noisier: a second
                    # thread stalls at every op whenever another process holds its core
 profile = False  # True: print where one step's time goes (torch.profiler), instead of the ratios
+ffn = False  # True: time one layer's feed-forward part alone (dense MLP, experts), instead of the ratios
 # shapes
 batch_size = 8
 block_size = 256
@@ -329,6 +331,61 @@ if profile:
     for n_threads in thread_counts:
         torch.set_num_threads(n_threads)
         print_profile(2 if quick else 5)
+    sys.exit(0)
+
+# -----------------------------------------------------------------------------
+# ffn: one layer's feed-forward part alone, forward+backward, with every expert given the
+# same number of rows (tokens * top_k / n_exp), so nothing depends on routing. The experts
+# run as in the model (Experts with expert_impl) and, for comparison, as one torch.bmm over
+# all of them, which hands whole experts to the threads (possible only because the rows
+# are equal; real routing gives unequal ones). Their gap to the dense MLP, which does the
+# same FLOPs in one matmul per projection, is the floor under moe*_vs_dense.
+
+def ffn_cases():
+    """{name: function running one forward+backward, returning (seconds, 0.0)}."""
+    torch.manual_seed(seed)
+    config = lambda **o: GPTConfig(**{**shape, **o})
+    x = torch.randn(tokens_per_step, n_embd, device=device, requires_grad=True)
+    cases = {}
+
+    def timed(module, inputs, forward):
+        grad = torch.randn(inputs.size(0), n_embd, device=device)
+
+        def step():
+            module.zero_grad(set_to_none=True)
+            inputs.grad = None
+            t0 = now()
+            with ctx:
+                y = forward()
+            y.backward(grad.to(y.dtype))
+            return now() - t0, 0.0
+        return step
+
+    dense_mlp = MLP(config()).to(device)
+    cases['dense MLP'] = timed(dense_mlp, x, lambda: dense_mlp(x))
+    for n in (n_exp, n_exp_large):
+        experts = Experts(config(n_exp=n, top_k=top_k)).to(device)
+        rows = x.new_empty(tokens_per_step * top_k, n_embd).normal_().requires_grad_()
+        counts = torch.full((n,), rows.size(0) // n, device=device)
+        counts[-1] += rows.size(0) - counts.sum()  # if top_k * tokens is not a multiple of n
+        cases[f'experts E={n}'] = timed(experts, rows, lambda e=experts, r=rows, c=counts: e(r, c))
+        if rows.size(0) % n == 0:
+            def one_bmm(e=experts, r=rows, n=n):
+                act = torch.nn.functional.gelu(torch.bmm(r.view(n, -1, n_embd), e.w_fc))
+                return torch.bmm(act, e.w_proj).view(-1, n_embd)
+            cases[f'experts E={n}, one bmm'] = timed(experts, rows, one_bmm)
+    return cases
+
+
+if ffn:
+    for n_threads in thread_counts:
+        torch.set_num_threads(n_threads)
+        times = interleaved(ffn_cases(), steps)
+        print(f"\none layer's FFN, forward+backward, {tokens_per_step} tokens, equal rows per expert, "
+              f"expert_impl={expert_impl}, threads={n_threads}\n{'case':<22} {'ms':>8} {'vs dense MLP':>13}")
+        for name in times:
+            print(f"{name:<22} {median_time(times[name]) * 1e3:8.2f} "
+                  f"{median_time(times[name]) / median_time(times['dense MLP']):13.2f}")
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
