@@ -4,8 +4,11 @@ model.Experts (test_fast_experts.py checks it). A reader learning MoE can skip t
 it holds what measurement showed was worth the code, not new ideas.
 
   loop:    one matmul per expert with a backward written by hand (ExpertLoop); any device
-           and dtype. Reads the group sizes on the host, so on CUDA it waits for the GPU
-           once per layer.
+           and dtype. On a CPU with torch on n > 1 threads, small experts and OpenMP's idle
+           threads set to sleep soon (GOMP_SPINCOUNT=10000 in the environment, an opt-in:
+           PERFORMANCE.md), the experts' matmuls run side by side on n one-core worker
+           threads instead of one after another, each split over n threads (mm_per_expert).
+           Reads the group sizes on the host, so on CUDA it waits for the GPU once per layer.
   grouped: one grouped GEMM for all experts (torch's grouped_mm), in bf16, no host sync.
   auto:    grouped on a CUDA GPU of compute capability 8.0 or more when the experts run in
            bf16, torch has grouped_mm and n_embd and expert_hidden are multiples of 8 (the
@@ -15,6 +18,11 @@ Every function takes x [P, d], the rows already sorted by expert, counts [E] (ho
 belong to each expert), and the stacked weights w_fc [E, d, h], w_proj [E, h, d]; it
 returns gelu(x_e @ w_fc[e]) @ w_proj[e] for every expert's block of rows, [P, d].
 """
+
+import functools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +35,88 @@ GROUP_ALIGN = 8  # rows: 16 bytes of bf16. The weight gradient contracts over ea
                  # so every group must start on a 16-byte boundary (torchtitan pads to 8 for bf16)
 
 
-def mm_per_expert(lhs, rhs, out):
-    """out[e] = lhs[e] @ rhs[e] for sequences of per-expert matrices; out holds views to write into."""
-    for a, b, o in zip(lhs, rhs, out):
-        torch.mm(a, b, out=o)
+def openmp_threads_sleep_soon(environ):
+    """True when libgomp (torch's OpenMP on Linux) was told to put idle threads to sleep soon:
+    OMP_WAIT_POLICY=passive, or GOMP_SPINCOUNT at most 30k polls (the values tried went up to
+    that). Its default, 300,000 polls, keeps the idle thread of the main thread's team
+    spinning on a core after every parallel op; worker threads running the experts would
+    then share the cores with it, which measured slower than splitting each matmul."""
+    if environ.get('OMP_WAIT_POLICY', '').strip().lower() == 'passive':
+        return True
+    spin = environ.get('GOMP_SPINCOUNT', '').strip().lower()
+    scale = {'k': 10**3, 'm': 10**6, 'g': 10**9, 't': 10**12}.get(spin[-1:], 1)
+    number = spin[:-1] if scale > 1 else spin
+    return number.isdigit() and int(number) * scale <= 30_000
+
+
+# Read once: libgomp reads these when torch loads it, so later changes do nothing. Not set by
+# default: on the 2-core VM the short spin made the default `python train.py` slower in half
+# of the runs (PERFORMANCE.md).
+SIDE_BY_SIDE = openmp_threads_sleep_soon(os.environ)
+# Measured on 2 cores (bench.py): at 64 rows an expert the workers beat splitting each matmul
+# over the threads by far; at 512 they were no faster. Sizes in between were not measured.
+SMALL_EXPERT_ROWS = 256
+
+
+def share_out(sizes, n_workers):
+    """The experts of each worker, [[e, ...], ...]: the largest expert first, each to the worker
+    with the fewest rows so far (longest-processing-time scheduling), so that the workers get
+    about the same number of rows. Experts without rows go along too: their weight gradient
+    is a zero-row matmul, which writes the zeros."""
+    rows, shares = [0] * n_workers, [[] for _ in range(n_workers)]
+    for e in sorted(range(len(sizes)), key=lambda e: -sizes[e]):
+        worker = rows.index(min(rows))
+        shares[worker].append(e)
+        rows[worker] += sizes[e]
+    return [share for share in shares if share]
+
+
+def _one_core():
+    torch.set_num_threads(1)
+    torch.get_num_threads()  # torch sets up a thread's thread count on first use: make it 1 now
+
+
+@functools.lru_cache(maxsize=None)
+def one_core_workers(n):
+    """n threads whose torch ops run on one core each (their OpenMP and MKL thread count is 1),
+    made once per process. torch.set_num_threads is per thread for those libraries but also
+    moves torch's default for new threads, which is put back here."""
+    caller = torch.get_num_threads()
+    pool = ThreadPoolExecutor(n, thread_name_prefix='experts', initializer=_one_core)
+    ready = threading.Barrier(n + 1)
+    for _ in range(n):  # start all n now, so that none calls _one_core later
+        pool.submit(ready.wait)
+    ready.wait()
+    torch.set_num_threads(caller)
+    return pool
+
+
+# a forked child has none of its parent's threads: a pool inherited from it would never run
+os.register_at_fork(after_in_child=one_core_workers.cache_clear)
+
+
+def _mm_share(lhs, rhs, out, share):
+    with torch.no_grad():  # grad mode is per thread; out= matmuls must not record autograd
+        for e in share:
+            torch.mm(lhs[e], rhs[e], out=out[e])
+
+
+def mm_per_expert(lhs, rhs, out, sizes):
+    """out[e] = lhs[e] @ rhs[e] for sequences of per-expert matrices; out holds views to write
+    into, sizes the experts' row counts. On a CPU with n > 1 torch threads, SIDE_BY_SIDE and
+    fewer than SMALL_EXPERT_ROWS rows an expert on average, the experts are shared out to n
+    one-core workers (torch releases the GIL in a matmul): with ~64 rows an expert,
+    splitting each matmul over n threads costs more than it saves.
+    Every matmul runs on one thread either way, so the result does not depend on n."""
+    small = sum(sizes) < SMALL_EXPERT_ROWS * len(sizes)
+    n = torch.get_num_threads() if SIDE_BY_SIDE and small and out[0].device.type == 'cpu' else 1
+    if n == 1 or len(sizes) == 1:
+        for a, b, o in zip(lhs, rhs, out):
+            torch.mm(a, b, out=o)
+        return
+    pool = one_core_workers(n)
+    for future in [pool.submit(_mm_share, lhs, rhs, out, share) for share in share_out(sizes, n)]:
+        future.result()
 
 
 class ExpertLoop(torch.autograd.Function):
@@ -46,10 +132,10 @@ class ExpertLoop(torch.autograd.Function):
     def forward(ctx, x, w_fc, w_proj, counts):
         sizes = counts.tolist()  # a host sync: fine on CPU, the reason CUDA runs the grouped GEMM
         pre = x.new_empty(x.size(0), w_fc.size(2))
-        mm_per_expert(x.split(sizes), w_fc.unbind(0), pre.split(sizes))
+        mm_per_expert(x.split(sizes), w_fc.unbind(0), pre.split(sizes), sizes)
         act = F.gelu(pre)
         y = x.new_empty(x.size(0), w_proj.size(2))
-        mm_per_expert(act.split(sizes), w_proj.unbind(0), y.split(sizes))
+        mm_per_expert(act.split(sizes), w_proj.unbind(0), y.split(sizes), sizes)
         ctx.save_for_backward(x, w_fc, w_proj, pre, act)
         ctx.sizes = sizes
         return y
@@ -62,12 +148,12 @@ class ExpertLoop(torch.autograd.Function):
         rows_t = lambda t: t.t().split(ctx.sizes, 1)  # the same blocks, transposed (views)
         grad_y = grad_y.contiguous()
         grad_w_proj, grad_act = torch.empty_like(w_proj), torch.empty_like(act)
-        mm_per_expert(rows_t(act), rows(grad_y), grad_w_proj.unbind(0))  # act_e^T @ dy_e
-        mm_per_expert(rows(grad_y), w_proj.transpose(1, 2).unbind(0), rows(grad_act))  # dy_e @ w_proj[e]^T
+        mm_per_expert(rows_t(act), rows(grad_y), grad_w_proj.unbind(0), ctx.sizes)  # act_e^T @ dy_e
+        mm_per_expert(rows(grad_y), w_proj.transpose(1, 2).unbind(0), rows(grad_act), ctx.sizes)  # dy_e @ w_proj[e]^T
         grad_pre = torch.ops.aten.gelu_backward(grad_act, pre)
         grad_w_fc, grad_x = torch.empty_like(w_fc), torch.empty_like(x)
-        mm_per_expert(rows_t(x), rows(grad_pre), grad_w_fc.unbind(0))  # x_e^T @ dpre_e
-        mm_per_expert(rows(grad_pre), w_fc.transpose(1, 2).unbind(0), rows(grad_x))  # dpre_e @ w_fc[e]^T
+        mm_per_expert(rows_t(x), rows(grad_pre), grad_w_fc.unbind(0), ctx.sizes)  # x_e^T @ dpre_e
+        mm_per_expert(rows(grad_pre), w_fc.transpose(1, 2).unbind(0), rows(grad_x), ctx.sizes)  # dpre_e @ w_fc[e]^T
         return grad_x, grad_w_fc, grad_w_proj, None  # an expert with no rows gets a zero gradient
 
 
