@@ -106,8 +106,8 @@ def mm_per_expert(lhs, rhs, out, sizes):
     into, sizes the experts' row counts. On a CPU with n > 1 torch threads, SIDE_BY_SIDE and
     fewer than SMALL_EXPERT_ROWS rows an expert on average, the experts are shared out to n
     one-core workers (torch releases the GIL in a matmul): with ~64 rows an expert,
-    splitting each matmul over n threads costs more than it saves.
-    Every matmul runs on one thread either way, so the result does not depend on n."""
+    splitting each matmul over n threads costs more than it saves. On the workers each
+    matmul runs on one thread, so the result is bit for bit that of a one-thread run."""
     small = sum(sizes) < SMALL_EXPERT_ROWS * len(sizes)
     n = torch.get_num_threads() if SIDE_BY_SIDE and small and out[0].device.type == 'cpu' else 1
     if n == 1 or len(sizes) == 1:
