@@ -50,8 +50,8 @@ def openmp_threads_sleep_soon(environ):
 
 
 # Read once: libgomp reads these when torch loads it, so later changes do nothing. Not set by
-# default: on the 2-core VM the short spin made the default `python train.py` slower in half
-# of the runs (PERFORMANCE.md).
+# default: on the 2-core VM, two of eight default `python train.py` runs with the short spin
+# were slower (PERFORMANCE.md).
 SIDE_BY_SIDE = openmp_threads_sleep_soon(os.environ)
 # Measured on 2 cores (bench.py): at 64 rows an expert the workers beat splitting each matmul
 # over the threads by far; at 512 they were no faster. Sizes in between were not measured.
