@@ -1,7 +1,6 @@
 """Tests of fast_experts.py: each fast path equals the plain loop of model.Experts."""
 
 import os
-import time
 
 import pytest
 import torch
