@@ -339,7 +339,18 @@ if profile:
 # run as in the model (Experts with expert_impl) and, for comparison, as one torch.bmm over
 # all of them, which hands whole experts to the threads (possible only because the rows
 # are equal; real routing gives unequal ones). Their gap to the dense MLP, which does the
-# same FLOPs in one matmul per projection, is the floor under moe*_vs_dense.
+# same FLOPs in one matmul per projection, is the floor under moe*_vs_dense. A last case per
+# expert count gives the experts the rows the bench's model routes to them in its first
+# layer at initialisation, on the fixed batch: what the ratios above actually run.
+
+
+def routed_counts(n):
+    """Rows per expert [n] that layer 0 of the bench's n-expert model routes the fixed batch to
+    (None for n=1: that model is the dense twin, with no router)."""
+    model, _ = build(n_exp=n, top_k=top_k)
+    with torch.no_grad(), ctx:
+        routings = model(*fixed_batch)[3]
+    return torch.bincount(routings[0].expert_idx, minlength=n) if 0 in routings else None
 
 def ffn_cases():
     """{name: function running one forward+backward, returning (seconds, 0.0)}."""
@@ -374,18 +385,44 @@ def ffn_cases():
                 act = torch.nn.functional.gelu(torch.bmm(r.view(n, -1, n_embd), e.w_fc))
                 return torch.bmm(act, e.w_proj).view(-1, n_embd)
             cases[f'experts E={n}, one bmm'] = timed(experts, rows, one_bmm)
+        routed = routed_counts(n)
+        if routed is not None:
+            routed = routed.to(device)
+            cases[f'experts E={n}, as routed'] = timed(experts, rows, lambda e=experts, r=rows, c=routed: e(r, c))
+            print(f"E={n} as routed: {routed.min().item()} to {routed.max().item()} rows an expert")
     return cases
+
+
+def copy_bandwidth(n_bytes=256 * 2**20):
+    """Bytes a second that copying a tensor too large for any cache moves (read + write)."""
+    source = torch.randn(n_bytes // 4, device=device)
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(6):
+        t0 = now()
+        target.copy_(source)
+        times.append(now() - t0)
+    return 2 * n_bytes / statistics.median(times[1:])
 
 
 if ffn:
     for n_threads in thread_counts:
         torch.set_num_threads(n_threads)
         times = interleaved(ffn_cases(), steps)
-        print(f"\none layer's FFN, forward+backward, {tokens_per_step} tokens, equal rows per expert, "
-              f"expert_impl={expert_impl}, threads={n_threads}\n{'case':<22} {'ms':>8} {'vs dense MLP':>13}")
+        dense_ms = median_time(times['dense MLP']) * 1e3
+        print(f"\none layer's FFN, forward+backward, {tokens_per_step} tokens, equal rows per expert unless routed, "
+              f"expert_impl={expert_impl}, threads={n_threads}\n{'case':<25} {'ms':>8} {'vs dense MLP':>13}")
         for name in times:
-            print(f"{name:<22} {median_time(times[name]) * 1e3:8.2f} "
-                  f"{median_time(times[name]) / median_time(times['dense MLP']):13.2f}")
+            print(f"{name:<25} {median_time(times[name]) * 1e3:8.2f} {median_time(times[name]) * 1e3 / dense_ms:13.2f}")
+        # weights that outgrow the caches (64 experts: 64 MB a layer here) cost memory traffic the
+        # dense MLP's 2 MB do not: forward reads them, backward reads them again and writes their gradients
+        bandwidth = copy_bandwidth()
+        for n in (n_exp, n_exp_large):
+            weight_bytes = 2 * n * n_embd * GPTConfig(**{**shape, 'n_exp': n, 'top_k': top_k}).expert_hidden * 4
+            ms = 3 * weight_bytes / bandwidth * 1e3
+            print(f"E={n}: {weight_bytes / 2**20:.0f} MB of fp32 expert weights; reading them twice and writing their "
+                  f"gradients at the copy speed of {bandwidth / 1e9:.1f} GB/s takes {ms:.1f} ms, "
+                  f"{ms / dense_ms:.2f} of the dense MLP's time")
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
