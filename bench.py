@@ -352,6 +352,7 @@ def routed_counts(n):
         routings = model(*fixed_batch)[3]
     return torch.bincount(routings[0].expert_idx, minlength=n) if 0 in routings else None
 
+
 def ffn_cases():
     """{name: function running one forward+backward, returning (seconds, 0.0)}."""
     torch.manual_seed(seed)
