@@ -122,10 +122,15 @@ shape = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_siz
 tokens_per_step = batch_size * block_size
 
 
+def config(**overrides):
+    """The bench's GPTConfig: shape, with overrides."""
+    return GPTConfig(**{**shape, **overrides})
+
+
 def build(**overrides):
     """A model and its AdamW, from the same seed every time."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**shape, **overrides})).to(device)
+    model = GPT(config(**overrides)).to(device)
     optimizer = model.configure_optimizers(weight_decay, learning_rate, (0.9, 0.99))  # train.py's betas
     return model, optimizer
 
@@ -356,7 +361,6 @@ def routed_counts(n):
 def ffn_cases():
     """{name: function running one forward+backward, returning (seconds, 0.0)}."""
     torch.manual_seed(seed)
-    config = lambda **o: GPTConfig(**{**shape, **o})
     x = torch.randn(tokens_per_step, n_embd, device=device, requires_grad=True)
     cases = {}
 
@@ -419,7 +423,7 @@ if ffn:
         # dense MLP's 2 MB do not: forward reads them, backward reads them again and writes their gradients
         bandwidth = copy_bandwidth()
         for n in (n_exp, n_exp_large):
-            weight_bytes = 2 * n * n_embd * GPTConfig(**{**shape, 'n_exp': n, 'top_k': top_k}).expert_hidden * 4
+            weight_bytes = 2 * n * n_embd * config(n_exp=n, top_k=top_k).expert_hidden * 4
             ms = 3 * weight_bytes / bandwidth * 1e3
             print(f"E={n}: {weight_bytes / 2**20:.0f} MB of fp32 expert weights; reading them twice and writing their "
                   f"gradients at the copy speed of {bandwidth / 1e9:.1f} GB/s takes {ms:.1f} ms, "
