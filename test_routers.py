@@ -8,9 +8,9 @@ import torch
 
 from metrics import gate_cos_sim, pair_coactivation
 from model import GPTConfig
-from routers import (ROUTERS, Routing, build_router, capacity_keep_mask, expert_capacity, gatepro_partners,
-                     gatepro_penalize, ortho_loss, sequence_balance_loss, switch_aux_loss, variance_loss,
-                     z_loss)
+from routers import (ROUTERS, Routing, build_router, capacity_keep_mask, expert_capacity, flatten_choices,
+                     gatepro_partners, gatepro_penalize, ortho_loss, sequence_balance_loss, switch_aux_loss,
+                     variance_loss, z_loss)
 
 
 def router_config(**overrides):
@@ -42,12 +42,34 @@ def test_z_loss_by_hand():
     assert z_loss(logits).item() == pytest.approx(2.5 * math.log(2) ** 2)
 
 
+def test_flatten_choices_by_hand():
+    # token 0 chose experts 2 then 0, token 1 chose 1 then 3: all first choices, then all second
+    token_idx, expert_idx, weight = flatten_choices(torch.tensor([[2, 0], [1, 3]]), torch.tensor([[.7, .3], [.6, .4]]))
+    assert token_idx.tolist() == [0, 1, 0, 1]
+    assert expert_idx.tolist() == [2, 1, 0, 3]
+    assert weight.tolist() == pytest.approx([.7, .6, .3, .4])
+
+
 def test_capacity_keep_mask_by_hand():
     # capacity 2: the third pair of expert 0 is dropped, expert 1's only pair kept
     keep = capacity_keep_mask(torch.tensor([0, 0, 1, 0]), n_exp=2, capacity=2)
     assert keep.tolist() == [True, True, True, False]
+    # experts 2, 0, 2, 2, 0, 1, 2: expert 2's pairs are 0, 2, 3, 6, expert 0's 1, 4, expert 1's 5
+    experts = torch.tensor([2, 0, 2, 2, 0, 1, 2])
+    # capacity 2: expert 2 keeps pairs 0 and 2, drops 3 and 6; the others keep all theirs
+    assert capacity_keep_mask(experts, n_exp=3, capacity=2).tolist() == [True, True, True, False, True, True, False]
+    # capacity 1: each expert keeps its first pair only (0, 1 and 5)
+    assert capacity_keep_mask(experts, n_exp=3, capacity=1).tolist() == [True, True, False, False, False, True, False]
+
+
+def test_expert_capacity_by_hand():
     # Switch eq. (3) with k assignments per token: 1.25 * 16 tokens * 2 / 4 experts = 10
     assert expert_capacity(16, 4, 2, 1.25) == 10
+    # the capacity is a whole number of slots, rounded down: 1.25 * 10 / 4 = 3.125 -> 3, 1.25 * 12 / 8 = 1.875 -> 1
+    assert expert_capacity(10, 4, 1, 1.25) == 3
+    assert expert_capacity(12, 8, 1, 1.25) == 1
+    # and at least one: 1.0 * 2 / 8 = 0.25 -> 1
+    assert expert_capacity(2, 8, 1, 1.0) == 1
 
 
 def test_variance_loss_by_hand():
@@ -83,6 +105,11 @@ def test_sequence_balance_loss_by_hand():
     scores = torch.tensor([[0.3, 0.2], [0.4, 0.1], [0.9, 0.1], [0.3, 0.7]])
     topk_idx = torch.tensor([[0], [0], [0], [1]])
     assert sequence_balance_loss(scores, topk_idx, seq_len=2).item() == pytest.approx((1.4 + 1.0) / 2)
+    # E = 3, k = 2, T = 2, one sequence: f = E/(kT) * counts = 3/4 * (2, 1, 1) = (1.5, .75, .75)
+    # scores (1.2, .6, .2) and (.1, .1, .3) normalise to (.6, .3, .1) and (.2, .2, .6): P = (.4, .25, .35)
+    # sum f P = .6 + .1875 + .2625 = 1.05
+    scores = torch.tensor([[1.2, 0.6, 0.2], [0.1, 0.1, 0.3]])
+    assert sequence_balance_loss(scores, torch.tensor([[0, 1], [2, 0]]), seq_len=2).item() == pytest.approx(1.05)
 
 
 # -----------------------------------------------------------------------------
@@ -149,9 +176,21 @@ def test_aux_loss_uses_full_softmax_not_topk_weights():
 PAIRED_GATE = [[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]]
 
 
+def test_gatepro_partners_by_hand():
+    assert gatepro_partners(torch.tensor(PAIRED_GATE)).tolist() == [1, 0, 3, 2]
+    # directed: a = (1, 0), b = (1, .5), c = (.2, 1); cos(a, b) = 1/sqrt(1.25) = .894,
+    # cos(a, c) = .2/sqrt(1.04) = .196, cos(b, c) = .7/(sqrt(1.25) sqrt(1.04)) = .614
+    # -> j*(a) = b, j*(b) = a, j*(c) = b (and j*(j*(c)) = a, not c)
+    assert gatepro_partners(torch.tensor([[1.0, 0.0], [1.0, 0.5], [0.2, 1.0]])).tolist() == [1, 0, 1]
+    # cosines, not dot products or |cos|: a = (1, 0), b = (10, 10), c = (1, .1), d = (-1, -.05)
+    # cos(a, b) = .7071, cos(a, c) = .9950, cos(a, d) = -.9988, cos(b, c) = .7740, cos(b, d) = -.7415,
+    # cos(c, d) = -.9988 -> j*(a) = c (the dot product would say b, |cos| d), j*(b) = c, j*(c) = a, j*(d) = b
+    gate = torch.tensor([[1.0, 0.0], [10.0, 10.0], [1.0, 0.1], [-1.0, -0.05]])
+    assert gatepro_partners(gate).tolist() == [2, 2, 0, 1]
+
+
 def test_gatepro_penalize_by_hand():
-    gate = torch.tensor(PAIRED_GATE)
-    assert gatepro_partners(gate).tolist() == [1, 0, 3, 2]
+    gate = torch.tensor(PAIRED_GATE)  # partners 0<->1, 2<->3
     logits = torch.tensor([[1.0, 2.0, 3.0, 0.0],    # 0 loses to 1 (1 < 2), 3 loses to 2 (0 < 3)
                            [2.0, 2.0, 0.0, 1.0]])   # tie 0-1: neither is strictly smaller, both win; 2 loses
     expected = torch.tensor([[1.0 - 10, 2.0, 3.0, 0.0 - 10],
@@ -159,11 +198,10 @@ def test_gatepro_penalize_by_hand():
     torch.testing.assert_close(gatepro_penalize(logits, gate, penalty=10.0), expected)
 
 
-def test_gatepro_partner_matches_brute_force_cosine():
-    torch.manual_seed(0)
-    gate = torch.randn(7, 5)
+def brute_force_partners(gate):
+    """j*(i) by the definition, one pair at a time: the j != i of the largest cosine."""
     rows = gate.tolist()
-    expected = []
+    partners = []
     for i, a in enumerate(rows):
         best, best_j = -2.0, None
         for j, b in enumerate(rows):
@@ -172,8 +210,14 @@ def test_gatepro_partner_matches_brute_force_cosine():
             cos = sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
             if cos > best:
                 best, best_j = cos, j
-        expected.append(best_j)
-    assert gatepro_partners(gate).tolist() == expected
+        partners.append(best_j)
+    return partners
+
+
+def test_gatepro_partner_matches_brute_force_cosine():
+    torch.manual_seed(0)
+    gate = torch.randn(7, 5)
+    assert gatepro_partners(gate).tolist() == brute_force_partners(gate)
 
 
 def fewer_winners_gate():
@@ -204,7 +248,7 @@ def test_gatepro_fills_a_slot_with_the_loser_of_largest_logit(penalty, weights):
     gate, h = fewer_winners_gate()
     assert gatepro_partners(gate)[1:].tolist() == [0] * 5  # the set-up above
     router = build_router(router_config(router='gatepro', n_embd=7, n_head=1, n_exp=6, top_k=2,
-                                        gatepro_penalty=penalty)).eval()
+                                        gatepro_penalty=penalty, aux_loss_coef=0.0, z_loss_coef=0.0)).eval()
     set_gate(router, gate.tolist())
     r = router(h)
     assert r.expert_idx.tolist() == [0, 1]
@@ -214,16 +258,20 @@ def test_gatepro_fills_a_slot_with_the_loser_of_largest_logit(penalty, weights):
 @pytest.mark.parametrize('n_exp', [8, 16])
 @pytest.mark.parametrize('top_k', [2, 4, 6])
 def test_gatepro_chooses_the_topk_of_the_penalised_logits(n_exp, top_k):
-    # gatepro_penalize is pinned by hand above; here the router as a whole must choose
-    # exactly its top-k, also when fewer than k experts win (frequent at k = 4, 6)
+    # Algorithm 1 token by token: i loses when l_i < l_j*(i) (strictly), a loser's logit drops
+    # by lambda = 1e4, and the token takes the k largest of the results; also when fewer
+    # than k experts win (frequent at k = 4, 6)
     torch.manual_seed(n_exp + top_k)
-    router = build_router(router_config(router='gatepro', n_exp=n_exp, top_k=top_k)).eval()
+    router = build_router(router_config(router='gatepro', n_exp=n_exp, top_k=top_k, aux_loss_coef=0.0,
+                                        z_loss_coef=0.0)).eval()  # the choice alone: no loss functions
     h = torch.randn(400, 8)
     r = router(h)
-    logits = h @ router.gate.weight.detach().t()
-    expected = torch.topk(gatepro_penalize(logits, router.gate.weight, 1e4), top_k, dim=-1).indices
-    chosen = r.expert_idx.view(top_k, -1).t()  # choice-major pairs -> [N, k]
-    assert torch.equal(chosen.sort(dim=-1).values, expected.sort(dim=-1).values)
+    partner = brute_force_partners(router.gate.weight.detach())
+    chosen = r.expert_idx.view(top_k, -1).t().tolist()  # choice-major pairs -> [N, k]
+    for token, logits in enumerate((h @ router.gate.weight.detach().t()).tolist()):
+        penalised = [l - 1e4 if l < logits[partner[i]] else l for i, l in enumerate(logits)]
+        expected = sorted(range(n_exp), key=lambda i: -penalised[i])[:top_k]
+        assert sorted(chosen[token]) == sorted(expected), token
 
 
 def test_gatepro_literal_small_penalty_only_breaks_near_ties():
@@ -294,6 +342,16 @@ def test_gatepro_balance_loss_uses_unpenalised_probs_and_actual_assignments():
     r = router(torch.tensor([[1.0, 0.0], [1.0, 0.5]]))
     assert sorted(zip(r.token_idx.tolist(), r.expert_idx.tolist())) == [(0, 0), (0, 1), (1, 1), (1, 3)]
     assert r.losses['aux'].item() == pytest.approx(1.18073, abs=1e-5)
+
+
+def test_pair_coactivation_by_hand():
+    # tokens 0, 1, 2 pick {0, 1}, {0, 2}, {1, 3}; token 3 got no expert (dropped); partners 0<->1, 2<->3.
+    # Expert 0 is with its partner 1 in token 0 alone: 1 of 4 tokens; expert 1 the same;
+    # experts 2 and 3 are never together: 0 -> (1/4 + 1/4 + 0 + 0) / 4 = 1/8
+    token_idx, expert_idx = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 0, 1, 1, 2, 3])
+    assert pair_coactivation(token_idx, expert_idx, torch.tensor([1, 0, 3, 2]), n_tokens=4).item() == pytest.approx(1 / 8)
+    # directed partners j* = (1, 0, 0, 2): expert 2 with 0 in token 1 -> (1/4 + 1/4 + 1/4 + 0) / 4 = 3/16
+    assert pair_coactivation(token_idx, expert_idx, torch.tensor([1, 0, 0, 2]), n_tokens=4).item() == pytest.approx(3 / 16)
 
 
 def test_gatepro_metrics_by_hand():
@@ -429,13 +487,17 @@ def test_aux_free_bias_update_by_hand():
     # counts (6, 2, 4): mean 4, sign(mean - load) = (-1, +1, 0)
     router.step_finished(0, torch.tensor([6, 2, 4]))
     assert router.expert_bias.tolist() == [-0.5, 0.5, 0.0]
+    # the next step adds to the bias: counts (2, 6, 4) give (+1, -1, 0) -> back to 0
+    router.step_finished(1, torch.tensor([2, 6, 4]))
+    assert router.expert_bias.tolist() == [0.0, 0.0, 0.0]
     assert 'expert_bias' in router.state_dict()  # checkpointed with the model
     assert not router.expert_bias.requires_grad
 
 
 def test_aux_free_bias_updates_drive_max_vio_down():
     torch.manual_seed(7)
-    router = build_router(router_config(router='aux_free', n_exp=8, aux_free_update_rate=0.02)).eval()
+    router = build_router(router_config(router='aux_free', n_exp=8, aux_free_update_rate=0.02,
+                                        aux_free_seq_loss_coef=0.0)).eval()
     with torch.no_grad():
         router.gate.weight[0] += 0.5  # skew: expert 0 scores high on inputs with a positive mean
     h = torch.randn(256, 8) + 1.0
