@@ -38,6 +38,7 @@ under it, and plot.py draws every run and the rows' means (when matplotlib is in
 With jobs > 1 and a failing run, the runs already training finish before the error.
 """
 
+import ast
 import importlib.metadata
 import json
 import math
@@ -49,11 +50,13 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import fields
 
 from tqdm import tqdm
 
 import plot
 from configurator import ConfigError, apply_overrides
+from model import GPTConfig
 from routers import ROUTERS
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -78,11 +81,38 @@ def fail(message):
     sys.exit(2)
 
 
+def train_keys():
+    """train.py's config keys: its top-level settings (the assignments of a literal) and
+    the fields of GPTConfig, read from the source so that train.py does not run."""
+    with open(TRAIN) as f:
+        tree = ast.parse(f.read())
+    settings = {target.id for node in tree.body if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant)
+                for target in node.targets if isinstance(target, ast.Name)}
+    return settings | {f.name for f in fields(GPTConfig)}
+
+
+def train_key_flag_error(arg):
+    """The error for --key=value when key is train.py's, not compare.py's: say where it goes."""
+    key, text = arg[2:].split('=', 1)
+    try:
+        value = ast.literal_eval(text)
+    except (SyntaxError, ValueError):
+        value = text
+    own = {'router': f'--routers="[{value!r}]"', 'seed': f'--seeds=[{value!r}]', 'out_dir': f'--compare_dir={text}'}
+    if key in own:
+        return ConfigError(f"compare.py sets {key} for each run itself: use {own[key]}")
+    return ConfigError(f"{key} is a train.py key, not compare.py's: give it to every run as "
+                       f"--train=\"{{{key!r}: {value!r}}}\" (or to one router's runs with --per_router)")
+
+
 def load_config(argv):
     """defaults, then the config files and --key=value flags of argv in order."""
     config = dict(defaults)
     for arg in argv:
         before = config
+        key = arg[2:].split('=', 1)[0] if arg.startswith('--') and '=' in arg else None
+        if key and key not in config and key in train_keys():
+            raise train_key_flag_error(arg)
         config, _ = apply_overrides(config, [arg])
         if arg.startswith('--train='):
             config['train'] = {**before['train'], **config['train']}

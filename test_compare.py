@@ -285,6 +285,12 @@ def test_config_flags_update_the_dicts(tmp_path):
     (["--train={'n_layer': [2]}"], "train['n_layer'] = [2]"),
     (["--per_router={'switch': 3}"], "per_router['switch'] must be a dict of train.py keys"),
     (['--sedes=[1]'], "unknown config key 'sedes'"),
+    # a train.py key given to compare.py: where it goes, in the syntax that works
+    (['--max_iters=100'], "max_iters is a train.py key, not compare.py's: give it to every run as "
+                          "--train=\"{'max_iters': 100}\""),
+    (['--router=switch'], "compare.py sets router for each run itself: use --routers=\"['switch']\""),
+    (['--seed=3'], "use --seeds=[3]"),
+    (['--n_exp=16'], "--train=\"{'n_exp': 16}\""),
     (['--jobs=0'], 'jobs must be an integer >= 1'),
     (["--variants={'topk': {'router': 'topk'}}"], "variant name 'topk' must be a new name"),
     (["--variants={'k1': {'top_k': 1}}"], "variants['k1'] needs 'router'"),
