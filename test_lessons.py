@@ -333,6 +333,26 @@ def test_exercise_cli(tmp_path):
     assert bad.returncode == 2 and 'one of 1, 2, 3, 4, 5, 6' in bad.stderr
 
 
+@pytest.mark.parametrize('name', sorted(n for n in os.listdir(os.path.join(REPO, 'config')) if n.startswith('lesson')))
+def test_lesson_configs_plan_their_runs(name):
+    import compare
+    config = compare.load_config([os.path.join(REPO, 'config', name)])
+    runs = compare.plan_runs(config)
+    assert len(runs) == len(config['routers']) * len(config['seeds'])
+    assert config['compare_dir'].startswith('out-lesson')  # gitignored, never copied to a student
+    assert all('--max_iters=300' in command for *_, command in runs)
+
+
+def test_every_lesson_names_a_file_that_exists():
+    for number, ex in exercise.EXERCISES.items():
+        assert os.path.isfile(os.path.join(REPO, 'lessons', ex.lesson)), ex.lesson
+        with open(os.path.join(REPO, 'lessons', ex.lesson)) as f:
+            text = f.read()
+        assert f'python lessons/exercise.py {number} --check' in text
+        for target in ex.grading:  # the lesson names every function the exercise empties
+            assert f"`{target.split(':')[1]}`" in text, (ex.lesson, target)
+
+
 def test_replace_body_keeps_signature_docstring_and_decorators():
     source = ('class A:\n'
               '    @staticmethod\n'
