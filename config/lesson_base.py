@@ -1,10 +1,11 @@
 # The model of the lessons (lessons/README.md): small enough that a run of 300 steps takes
 # about a minute on a laptop's CPU. Each lesson's config runs this file, then picks its
-# routers; a config can still change any key, e.g. train['n_exp'] = 16.
-#   python compare.py config/lesson_base.py          # top-k alone, one seed
+# routers; a config can still change any key, e.g. train['n_exp'] = 16. Alone, it is
+# lesson 1's run: top-k, one seed.
+#   python compare.py config/lesson_base.py
 routers = ['topk']
 seeds = [1337]
-compare_dir = 'out-lesson-base'
+compare_dir = 'out-lesson1'
 jobs = 2  # two runs at once, one core each
 train = dict(
     dataset='domains',
