@@ -300,7 +300,11 @@ def grade(number, root=REPO, targets=None, traceback='long'):
     """Run the grading tests of exercise `number` (of its `targets` only, default all) on
     the code under root. Returns {target: [(test node id, passed, message)]}."""
     grading = {t: tests for t, tests in EXERCISES[number].grading.items() if targets is None or t in targets}
-    results = run_tests(sorted({test for tests in grading.values() for test in tests}), root, traceback)
+    return by_function(grading, run_tests(sorted({test for tests in grading.values() for test in tests}), root, traceback))
+
+
+def by_function(grading, results):
+    """{target: [(node id, passed, message)]} from run_tests' results, for {target: [test]}."""
     graded = {}
     for target, tests in grading.items():
         graded[target] = []
