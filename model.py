@@ -307,7 +307,8 @@ class GPT(nn.Module):
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
-        """Model FLOPs utilisation against peak_flops (default: A100 bf16, 312 TFLOPS).
+        """Model FLOPs utilisation against peak_flops (default: A100 bf16, 312 TFLOPS; train.py
+        passes the GPU's own, system.peak_flops).
         PaLM appendix B: 6*N flops per token for the weights plus 12*L*H*Q*T for attention,
         with N the ACTIVE parameters: an MoE token only touches its k experts."""
         N = self.get_num_active_params()
