@@ -107,8 +107,8 @@ def expert_overlap(token_idx, expert_out, n_tokens, kept=None):
     every_token_has_k = (expert_counts(token_idx, n_tokens, kept) == k).all()  # kept pairs per token
     rows = F.normalize(expert_out[torch.argsort(token_idx, stable=True)].float(), dim=-1).view(n_tokens, k, -1)
     cos = (rows @ rows.transpose(1, 2)).abs()  # [N, k, k]
-    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=cos.device)
-    total = cos[:, off_diagonal].mean(dim=1).sum()
+    off_diagonal = 1.0 - torch.eye(k, device=cos.device)  # a product, not a mask: a mask's selection would sync
+    total = (cos * off_diagonal).sum(dim=(1, 2)).sum() / (k * (k - 1))
     return torch.where(every_token_has_k, total, 0.0), every_token_has_k.long() * n_tokens
 
 

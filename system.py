@@ -174,11 +174,14 @@ class HostSyncCounter:
     (.item(), float(), bool(), .tolist(), .cpu(), ...), ops whose output shape depends on
     the data (nonzero, boolean-mask indexing, unique, ...), and copies to the host.
 
-    A tensor is on the device when it was moved there (.to(device), .cuda()), made there
-    (a factory called with device=device), or computed from one: this is how a CPU run
-    tells apart the tensors that a GPU run would hold on the GPU (weights, activations)
-    from those it keeps on the host (a batch's random offsets). mark(*tensors or modules)
-    puts tensors made before the counter started on the device. Backward counts too.
+    On a GPU, the tensors on the GPU. On a CPU run, where every tensor is on the host, a
+    tensor counts as on the device when it was moved there (.to(device)), marked
+    (mark(*tensors or modules): weights made before the counter started), or computed from
+    one, and a read of it counts: this is how a CPU run tells apart what a GPU run would
+    hold on the GPU (weights, activations, losses) from what it keeps on the host (a
+    batch's random offsets, a copy read back). Not seen on a CPU run: a tensor made on
+    the device by a factory (torch.zeros(..., device=device)) and read back before any
+    op combines it with a device tensor. Backward counts too.
 
         with HostSyncCounter('cpu') as counter:
             ...
@@ -226,7 +229,7 @@ class HostSyncCounter:
 
 class _FunctionCounter(TorchFunctionMode):
     """The Python-level half: host reads that never reach the dispatcher (.tolist()), and
-    where tensors are put on the device (.to(device), factories with device=)."""
+    where tensors are put on the device (.to(device))."""
 
     def __init__(self, counter):
         super().__init__()
@@ -247,10 +250,9 @@ class _FunctionCounter(TorchFunctionMode):
         return result
 
     def _to_device(self, name, args, kwargs):
-        if name == 'cuda':
-            return True
-        target = kwargs.get('device', next((a for a in args[1:] if isinstance(a, (str, torch.device))), None)) \
-            if name == 'to' else kwargs.get('device')
+        if name != 'to':
+            return name == 'cuda'
+        target = kwargs.get('device', next((a for a in args[1:] if isinstance(a, (str, torch.device))), None))
         return target is not None and torch.device(target).type == self.counter.device_type
 
 
