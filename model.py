@@ -97,7 +97,7 @@ class Experts(nn.Module):
         # one matmul pair per expert, each on its own contiguous block of rows
         sizes = counts.tolist()
         outputs = [F.gelu(rows @ self.w_fc[e]) @ self.w_proj[e] for e, rows in enumerate(x[:sum(sizes)].split(sizes))]
-        dropped = x.new_zeros(x.size(0) - sum(sizes), self.w_proj.size(2))  # pairs over capacity: no expert
+        dropped = outputs[0].new_zeros(x.size(0) - sum(sizes), self.w_proj.size(2))  # pairs over capacity: no expert
         return torch.cat(outputs + [dropped])
 
 

@@ -286,3 +286,18 @@ def test_gatepro_loads_a_checkpoint_that_kept_its_count_as_extra_state():
         del state[f'transformer.h.{layer}.ffn.router.iter_num']
     model.load_state_dict(state)
     assert all(moe.router.iter_num.item() == 5 and moe.router.competing() for _, moe in model.moe_layers())
+
+
+# -----------------------------------------------------------------------------
+# the GPU check itself, as a dry run on the CPU
+
+
+@needs_grouped_mm
+def test_the_gpu_check_runs_dry_on_the_cpu(runner):
+    result = runner.run(['--gpu_check=True', '--device=cpu', '--steps=1', '--warmup=0'], script='bench.py')
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stdout.rstrip().endswith('gpu_check: all ok')
+    report = json.loads(result.stdout.splitlines()[-2])
+    assert set(report['routers']) == set(ROUTERS) | {'topk +capacity'}
+    assert all(r['counted_syncs'] == 0 and r['grouped_error'] <= 3e-2 for r in report['routers'].values())
+    assert set(report['timings_ms']) == {'4', '8'}  # DRY_SHAPE's expert counts
