@@ -7,8 +7,9 @@ states of the N tokens of a batch, h [N, d], and returns a Routing: a flat list 
 (token, expert, weight) assignment pairs, the router's own losses (already multiplied by
 their coefficients) and its raw scores for the metrics.
 
-Flat pairs let token choice (P = N*k), capacity dropping (fewer pairs), expert choice
-(P = E*C) and routers with a variable number of experts per token share one MoE layer.
+Flat pairs let token choice (P = N*k), capacity dropping (pairs marked dropped, with
+weight 0), expert choice (P = E*C) and routers with a variable number of experts per
+token share one MoE layer.
 
 The loss functions are pure functions of tensors so you can check them by hand.
 Adding a router = one class + one line in ROUTERS + one test in test_routers.py; a new
