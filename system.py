@@ -165,7 +165,7 @@ def check_tokens(path, vocab_size, vocab_source):
 # for the device (repeat_interleave without output_size, bincount: to size the output)
 DATA_DEPENDENT_OPS = {'aten._local_scalar_dense', 'aten.nonzero', 'aten.masked_select', 'aten.unique_dim',
                       'aten._unique', 'aten._unique2', 'aten.unique_consecutive', 'aten.equal', 'aten.bincount',
-                      'aten.repeat_interleave', 'aten.nonzero_static'}
+                      'aten.nonzero_static'}
 HOST_READS = {'tolist', 'cpu', 'numpy'}  # Tensor methods that hand the host the data
 
 
@@ -192,6 +192,7 @@ class HostSyncCounter:
         self.device_type = torch.device(device).type
         self.events = []
         self.on_device = WeakTensorKeyDictionary()
+        self.reading = 0  # inside a counted read (.tolist(), .cpu()): its own copy is not a second sync
         here = os.path.dirname(os.path.abspath(__file__))
         self.keep_frames_of = keep_frames_of or here  # frames from files under this folder are recorded
         self._modes = (_FunctionCounter(self), _DispatchCounter(self))
@@ -239,9 +240,14 @@ class _FunctionCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, '__name__', '')
         source = args[0] if args else None
-        if name in HOST_READS and self.counter.is_on_device(source):
+        counted = name in HOST_READS and self.counter.is_on_device(source)
+        if counted:
             self.counter.record(f"Tensor.{name}")
-        result = func(*args, **kwargs)
+        self.counter.reading += counted
+        try:
+            result = func(*args, **kwargs)
+        finally:
+            self.counter.reading -= counted
         if name == 'cpu' and result is source:
             result = result.view_as(result)  # a CPU run's .cpu() returns the same tensor: a new one, on the host
             self.counter.on_device.pop(result, None)
@@ -269,18 +275,22 @@ class _DispatchCounter(TorchDispatchMode):
         inputs = [t for t in tree_leaves((args, kwargs)) if torch.is_tensor(t)]
         from_device = any(self.counter.is_on_device(t) for t in inputs)
         op = str(func.overloadpacket)
-        if from_device and (op in DATA_DEPENDENT_OPS and not (op == 'aten.repeat_interleave'
-                                                               and kwargs.get('output_size') is not None)
-                            or op in ('aten.index', 'aten.index_put', 'aten.index_put_')
-                            and any(t is not None and t.dtype == torch.bool for t in args[1]  # mask indexing
-                                    if isinstance(args[1], (list, tuple)))):
+        if from_device and not self.counter.reading and self._waits(op, args, kwargs):
             self.counter.record(op)
         result = func(*args, **kwargs)
-        if op in ('aten._to_copy', 'aten.copy_') and any(t.device.type == 'cuda' for t in inputs) \
-                and any(t.device.type == 'cpu' for t in tree_leaves(result) if torch.is_tensor(t)):
+        outputs = [t for t in tree_leaves(result) if torch.is_tensor(t)]
+        if op in ('aten._to_copy', 'aten.copy_') and not self.counter.reading \
+                and any(t.device.type != 'cpu' for t in inputs) and any(t.device.type == 'cpu' for t in outputs):
             self.counter.record(f"{op} to the host")
         if from_device:
-            for t in tree_leaves(result):
-                if torch.is_tensor(t):
-                    self.counter.on_device[t] = True
+            for t in outputs:
+                self.counter.on_device[t] = True
         return result
+
+    @staticmethod
+    def _waits(op, args, kwargs):
+        if op == 'aten.repeat_interleave':
+            return kwargs.get('output_size') is None
+        if op in ('aten.index', 'aten.index_put', 'aten.index_put_'):  # indexing with a boolean mask
+            return any(t is not None and t.dtype == torch.bool for t in args[1])
+        return op in DATA_DEPENDENT_OPS
