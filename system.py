@@ -162,10 +162,10 @@ def check_tokens(path, vocab_size, vocab_source):
 # counter tracks which tensors would live on the device and counts every read of one.
 
 # ops whose output size depends on the data, or that return a Python value: each waits
-# for the device (repeat_interleave without output_size, bincount: to size the output)
+# for the device (bincount: to size its output). Also, in _DispatchCounter._waits:
+# repeat_interleave without output_size, and indexing with a boolean mask.
 DATA_DEPENDENT_OPS = {'aten._local_scalar_dense', 'aten.nonzero', 'aten.masked_select', 'aten.unique_dim',
-                      'aten._unique', 'aten._unique2', 'aten.unique_consecutive', 'aten.equal', 'aten.bincount',
-                      'aten.nonzero_static'}
+                      'aten._unique', 'aten._unique2', 'aten.unique_consecutive', 'aten.equal', 'aten.bincount'}
 HOST_READS = {'tolist', 'cpu', 'numpy'}  # Tensor methods that hand the host the data
 
 
