@@ -568,9 +568,10 @@ if gpu_check:
 
     name = torch.cuda.get_device_name(device) if device_type == 'cuda' else 'cpu (dry run)'
     capability = torch.cuda.get_device_capability(device) if device_type == 'cuda' else None
+    auto, why = describe_impl('auto', device_type, capability, torch.bfloat16, n_embd,
+                              config(n_exp=n_exp, top_k=top_k).expert_hidden)
     print(f"gpu_check on {name}: torch {torch.__version__}, shapes n_layer={n_layer} n_embd={n_embd} "
-          f"tokens/step={tokens_per_step} n_exp={n_exp},{n_exp_large}; auto runs "
-          f"{' ('.join(describe_impl('auto', device_type, capability, torch.bfloat16, n_embd, n_embd))})")
+          f"tokens/step={tokens_per_step} n_exp={n_exp},{n_exp_large}; auto runs {auto} ({why})")
     print(f"\nexperts alone in bf16 ({n_exp} experts, one idle, 5 dropped rows): vs plain, relative error")
     for impl, (error, exact) in experts_check().items():
         print(f"  {impl:<8} {error:.2e}  idle expert and dropped rows exactly 0: {exact}  "
