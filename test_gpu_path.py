@@ -17,7 +17,7 @@ import fast_experts
 from fast_experts import GROUP_ALIGN, choose_impl, describe_impl, grouped_mm, resolve_impl
 from metrics import RoutingStats
 from model import GPT, Experts, GPTConfig
-from routers import ROUTERS
+from routers import ROUTERS, Routing
 from system import HostSyncCounter, cuda_bf16_native, peak_flops
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -301,3 +301,30 @@ def test_the_gpu_check_runs_dry_on_the_cpu(runner):
     assert set(report['routers']) == set(ROUTERS) | {'topk +capacity'}
     assert all(r['counted_syncs'] == 0 and r['grouped_error'] <= 3e-2 for r in report['routers'].values())
     assert set(report['timings_ms']) == {'4', '8'}  # DRY_SHAPE's expert counts
+
+
+def test_metrics_of_dropped_pairs_equal_those_of_the_kept_pairs_alone():
+    """A Routing that keeps its dropped pairs in place (weight 0, kept False) must give the
+    metrics that the kept pairs alone give: load, dropped_frac, pair co-activation,
+    specialization (top-1 expert by label), and top_expert itself."""
+    torch.manual_seed(4)
+    n_tokens, n_exp = 6, 4
+    logits = torch.randn(n_tokens, n_exp)
+    token_idx = torch.arange(n_tokens).repeat(2)
+    expert_idx = torch.topk(logits, 2).indices.t().reshape(-1)
+    weight = torch.rand(2 * n_tokens)
+    kept = torch.tensor([1, 1, 0, 1, 1, 0, 1, 0, 1, 1, 0, 0], dtype=torch.bool)  # token 5 keeps nothing
+    gate = torch.randn(n_exp, 8)
+    labels = torch.tensor([0, 1, 0, 1, 2, 2])
+    in_place = Routing(token_idx, expert_idx, torch.where(kept, weight, 0.0), logits, gate_weight=gate, kept=kept)
+    selected = Routing(token_idx[kept], expert_idx[kept], weight[kept], logits, gate_weight=gate)
+    assert torch.equal(in_place.top_expert(n_tokens), selected.top_expert(n_tokens))
+    assert in_place.top_expert(n_tokens)[5] == -1
+    rows = {}
+    for name, routing in (('in place', in_place), ('selected', selected)):
+        stats = RoutingStats(['a', 'b', 'c'])
+        stats.add({0: routing}, labels=labels)
+        rows[name] = stats.summary(tables=True)[0]
+    expected = rows['selected']
+    expected['dropped_frac'] = 5 / 12  # the selection alone cannot know what was dropped: 5 of the 12 pairs
+    assert rows['in place'] == pytest.approx(expected)
