@@ -369,7 +369,7 @@ def estimate_loss():
             X, Y, labels = get_batch(split, with_labels=True)
             measure = split == 'val'  # the log reports the routing of the val batches only
             with ctx:
-                _, lm_loss, router_losses, routings = model(X, Y, keep_expert_out=measure)
+                lm_loss, router_losses, routings = model(X, Y, keep_expert_out=measure)[1:]  # logits not kept
             losses[k] = lm_loss.item()
             if measure:
                 stats.add(routings, router_losses, labels=labels)
