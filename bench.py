@@ -4,9 +4,13 @@ Throughput and memory of the MoE layer against its dense twin, measured in one p
 $ python bench.py                      # CPU, fp32: all cores, then one thread; about 4 minutes
 $ python bench.py --threads=1          # one thread only (--threads=all: all cores only)
 $ python bench.py --quick=True         # a smoke run: fewer steps, noisier ratios
-$ python bench.py --device=cuda        # bf16 autocast, grouped GEMM experts
-$ python bench.py --profile=True       # where the time of one step goes, by component
+$ python bench.py --device=cuda        # bf16 autocast at a GPU size (12 layers, n_embd 768, 16x1024 tokens),
+                                       # eager and torch.compile'd, with MFU and peak memory
+$ python bench.py --profile=True       # where the time of one step goes, by component (CPU and GPU time)
 $ python bench.py --ffn=True           # one layer's FFN alone: dense MLP against the experts
+$ python bench.py --gpu_check=True --device=cuda   # the GPU path: grouped vs loop vs plain in bf16,
+                                       # host syncs per step, compile, timings (a few minutes)
+$ python bench.py --gpu_check=True --device=cpu    # the same check, a dry run at small shapes
 
 Models compared are timed interleaved (A, B, C, A, B, C, ... with the order rotated each
 round, `steps` timed steps each after `warmup`; `router_steps` for the per-router table,
@@ -36,6 +40,8 @@ import json
 import statistics
 import sys
 import time
+import warnings
+from typing import Optional
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -44,9 +50,10 @@ from torch.utils._pytree import tree_leaves
 
 from configurator import ConfigError, apply_overrides
 from metrics import RoutingStats
+from fast_experts import describe_impl
 from model import GPT, MLP, Experts, GPTConfig
 from routers import ROUTERS
-from system import autocast_context, keep_freed_memory_on_cpu, pick_device, pick_dtype
+from system import PTDTYPES, HostSyncCounter, autocast_context, keep_freed_memory_on_cpu, peak_flops, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 device = 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
@@ -60,7 +67,9 @@ threads = 'all,1'  # CPU thread counts to measure at, in order: 'all' (or 0) = e
                    # thread stalls at every op whenever another process holds its core
 profile = False  # True: print where one step's time goes (torch.profiler), instead of the ratios
 ffn = False  # True: time one layer's feed-forward part alone (dense MLP, experts), instead of the ratios
-# shapes
+gpu_check = False  # True: check the GPU path instead (see gpu_check below); with --device=cpu, a dry run at small shapes
+compile = None  # also time the models under torch.compile; None = on CUDA only
+# shapes (on CUDA, the keys not given default to GPU_SHAPE; in a CPU gpu_check, to DRY_SHAPE)
 batch_size = 8
 block_size = 256
 vocab_size = 512
@@ -77,9 +86,13 @@ weight_decay = 0.1
 grad_clip = 1.0
 seed = 1337
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+GPU_SHAPE = dict(batch_size=16, block_size=1024, vocab_size=50304, n_layer=12, n_head=12, n_embd=768)  # GPT-2 small
+DRY_SHAPE = dict(batch_size=2, block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=64, n_exp=4, n_exp_large=8)
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))
+               or k == 'compile']
 try:
-    overrides, _ = apply_overrides({k: globals()[k] for k in config_keys}, sys.argv[1:])
+    overrides, user_keys = apply_overrides({k: globals()[k] for k in config_keys}, sys.argv[1:],
+                                           {'compile': Optional[bool]})
 except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -99,6 +112,9 @@ except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+sized = GPU_SHAPE if device_type == 'cuda' else DRY_SHAPE if gpu_check else {}
+globals().update({key: value for key, value in sized.items() if key not in user_keys})
+compile = device_type == 'cuda' if compile is None else compile
 dtype = pick_dtype(dtype, device_type)
 ctx = autocast_context(device_type, dtype)
 try:
@@ -151,26 +167,26 @@ def now():
     return time.perf_counter()
 
 
-def train_step(model, optimizer=None, stats=None, tokens=None):
+def train_step(model, optimizer=None, stats=None, tokens=None, clock=now):
     """One step on tokens (default: the fixed batch). Returns (seconds of forward+backward,
     seconds of clip + AdamW + zero_grad). stats: a RoutingStats to fill and summarise, as
-    train.py does on a logging step."""
+    train.py does on a logging step. clock: now, or a clock that does not wait for the GPU."""
     X, Y = tokens or fixed_batch
-    t0 = now()
+    t0 = clock()
     with ctx:  # with stats: the expert outputs too, as train.py asks for them on a logging step
         _, lm_loss, router_losses, routings = model(X, Y, keep_expert_out=stats is not None)
     (lm_loss + sum(router_losses.values())).backward()
     if stats is not None:
         stats.add(routings, router_losses)
         stats.summary()
-    t1 = now()
+    t1 = clock()
     with torch.profiler.record_function('## optimizer'):  # a label for --profile=True
         if optimizer is not None:
             if grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
         model.zero_grad(set_to_none=True)
-    t2 = now()
+    t2 = clock()
     return t1 - t0, t2 - t1
 
 
@@ -275,8 +291,9 @@ def label_components(model):
             module.register_forward_hook(leave)
 
 
-def component_times(prof):
-    """{component: total self CPU microseconds} from a profile of labelled steps."""
+def component_times(prof, clock='cpu'):
+    """{component: total self microseconds} from a profile of labelled steps: CPU time, or
+    with clock='device' the GPU time of the kernels each op launched."""
     events = prof.events()
     forward_owner = {}  # autograd sequence number -> component
 
@@ -295,37 +312,46 @@ def component_times(prof):
     totals = {}
     for event in events:
         name = owner(event)
-        totals[name] = totals.get(name, 0) + event.self_cpu_time_total
+        us = event.self_cpu_time_total if clock == 'cpu' else event.self_device_time_total
+        totals[name] = totals.get(name, 0) + us
     return totals
 
 
 def print_profile(n_profiled):
-    columns, unprofiled = {}, {}
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    clocks = ['cpu']
+    if device_type == 'cuda':  # the GPU's own time per component too: on a GPU the CPU time is mostly launches
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        clocks.append('device')
+    columns, unprofiled = {clock: {} for clock in clocks}, {}
     for name, exps in (('dense', 1), (f'moe E={n_exp}', n_exp), (f'moe E={n_exp_large}', n_exp_large)):
         model, optimizer = build(n_exp=exps, top_k=top_k)
         label_components(model)
         for _ in range(warmup):
             train_step(model, optimizer)
         unprofiled[name] = statistics.median(sum(train_step(model, optimizer)) for _ in range(n_profiled))
-        totals = {}
+        totals = {clock: {} for clock in clocks}
         for _ in range(n_profiled):  # one profiler session per step: longer sessions slowed E=64 steps by 40%
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.profiler.profile(activities=activities) as prof:
                 train_step(model, optimizer)
-            for component, us in component_times(prof).items():
-                totals[component] = totals.get(component, 0) + us
-        columns[name] = {k: v / n_profiled / 1000 for k, v in totals.items()}  # ms per step
+            for clock in clocks:
+                for component, us in component_times(prof, clock).items():
+                    totals[clock][component] = totals[clock].get(component, 0) + us
+        for clock in clocks:
+            columns[clock][name] = {k: v / n_profiled / 1000 for k, v in totals[clock].items()}  # ms per step
         del model, optimizer
     components = ['attention', 'dense MLP', 'expert GEMMs', 'dispatch/combine', 'router', 'optimizer', 'other']
-    print(f"\nprofile of one training step (self CPU time per component, ms and % of the step; "
-          f"{n_profiled} profiled steps, device={device}, threads={torch.get_num_threads()})")
-    print(f"{'component':<18}" + ''.join(f"{name:>22}" for name in columns))
-    for component in components:
-        row = ''
-        for times in columns.values():
-            ms, total = times.get(component, 0.0), sum(times.values())
-            row += f"{ms:>12.0f} ms {100 * ms / total:5.1f}%"
-        print(f"{component:<18}{row}")
-    print(f"{'total':<18}" + ''.join(f"{sum(t.values()):>12.0f} ms {100:5.1f}%" for t in columns.values()))
+    for clock in clocks:
+        print(f"\nprofile of one training step (self {'CPU' if clock == 'cpu' else 'GPU'} time per component, ms and "
+              f"% of the step; {n_profiled} profiled steps, device={device}, threads={torch.get_num_threads()})")
+        print(f"{'component':<18}" + ''.join(f"{name:>22}" for name in columns[clock]))
+        for component in components:
+            row = ''
+            for times in columns[clock].values():
+                ms, total = times.get(component, 0.0), sum(times.values())
+                row += f"{ms:>12.0f} ms {100 * ms / max(total, 1e-9):5.1f}%"
+            print(f"{component:<18}{row}")
+        print(f"{'total':<18}" + ''.join(f"{sum(t.values()):>12.0f} ms {100:5.1f}%" for t in columns[clock].values()))
     print(f"{'step, unprofiled':<18}" + ''.join(f"{1000 * t:>12.0f} ms       " for t in unprofiled.values()))
     print("expert GEMMs includes the GELU between them; dispatch/combine = sort, gather, weighting, index_add; "
           "other = embeddings, layer norms, residual adds, lm_head, cross-entropy, gradient accumulation. "
@@ -431,23 +457,209 @@ if ffn:
     sys.exit(0)
 
 # -----------------------------------------------------------------------------
+# gpu_check: what a GPU run depends on, in one run of a few minutes on one GPU. With
+# --device=cpu it is a dry run at DRY_SHAPE (test_gpu_path.py runs it, so it cannot rot).
+#   experts   the experts alone in bf16, on rows with an idle expert and dropped rows:
+#             loop and grouped against plain (output and every gradient), and the idle
+#             expert's gradient and the dropped rows' output and gradient exactly 0
+#   routers   every router in a 2-layer model of the bench's width: loss and every gradient
+#             of loop and grouped against plain, and the host syncs of one training step on
+#             the grouped path (0 expected): on CUDA the synchronising calls torch reports
+#             under torch.cuda.set_sync_debug_mode('warn'), and the reads HostSyncCounter sees
+#   compile   topk and gatepro under torch.compile(fullgraph=True) for 5 steps across
+#             GatePro's window: the graphs made (1 expected)
+#   timings   ms per training step of plain, loop and grouped at n_exp and n_exp_large
+
+GPU_CHECK_TOLERANCE = 3e-2  # relative error allowed between two bf16 runs: |a - b| / |b| over a whole tensor
+
+
+def relative_error(got, expected):
+    got, expected = got.detach().float(), expected.detach().float()
+    return float((got - expected).norm() / expected.norm().clamp(min=1e-12))
+
+
+def set_expert_impl(model, impl):
+    for _, moe in model.moe_layers():
+        moe.experts.impl = impl
+
+
+def experts_check():
+    """{impl: (largest relative error against plain, idle and dropped exactly 0)}."""
+    experts = Experts(config(n_exp=n_exp, top_k=top_k)).to(device)
+    torch.manual_seed(seed)
+    counts = torch.randint(1, 2 * tokens_per_step * top_k // n_exp, (n_exp,), device=device)
+    counts[1] = 0  # an idle expert
+    routed = int(counts.sum())
+    x = torch.randn(routed + 5, n_embd, device=device)  # 5 rows dropped by capacity after the groups
+    grad = torch.randn(routed + 5, n_embd, device=device)
+    results = {}
+    for impl in ('plain', 'loop', 'grouped'):
+        experts.impl = impl
+        experts.zero_grad(set_to_none=True)
+        x_in = x.clone().requires_grad_()
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            y = experts(x_in, counts)
+        y.backward(grad.to(y.dtype))
+        results[impl] = [y.float(), x_in.grad, experts.w_fc.grad, experts.w_proj.grad]
+    report = {}
+    for impl, (y, grad_x, grad_fc, grad_proj) in results.items():
+        error = max(relative_error(got, expected) for got, expected in zip(results[impl], results['plain']))
+        exact = bool((grad_fc[1] == 0).all() and (grad_proj[1] == 0).all() and (y[routed:] == 0).all()
+                     and (grad_x[routed:] == 0).all())
+        report[impl] = (error, exact)
+    return report
+
+
+def bf16_results(model, impl, tokens):
+    """Loss and every gradient of one bf16 forward+backward with expert_impl=impl."""
+    set_expert_impl(model, impl)
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same router noise for every implementation
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        _, lm_loss, router_losses, _ = model(*tokens)
+        loss = lm_loss + sum(router_losses.values())
+    loss.backward()
+    return {'loss': loss.detach(), **{name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}}
+
+
+def syncs_of_a_step(model, optimizer, tokens):
+    """(CUDA's count of synchronising calls, or None on a CPU; HostSyncCounter's events) in
+    one training step (forward, backward, clip, AdamW) on the grouped path, after one
+    step of warm-up (lazy first-call work is not a step's)."""
+    set_expert_impl(model, 'grouped')
+    train_step(model, optimizer, tokens=tokens)
+    state = [t for per_param in optimizer.state.values() for t in per_param.values() if torch.is_tensor(t)]
+    with warnings.catch_warnings(record=True) as caught, HostSyncCounter(device).mark(model, *tokens, *state) as counter:
+        warnings.simplefilter('always')
+        if device_type == 'cuda':
+            torch.cuda.set_sync_debug_mode('warn')
+        try:
+            train_step(model, optimizer, tokens=tokens, clock=time.perf_counter)  # now() would synchronise
+        finally:
+            if device_type == 'cuda':
+                torch.cuda.set_sync_debug_mode('default')
+    cuda_syncs = sum('synchroniz' in str(w.message) for w in caught) if device_type == 'cuda' else None
+    return cuda_syncs, counter.events
+
+
+def graphs_compiled(name):
+    """(graphs torch.compile made, seconds) over 5 training steps of router `name` on the
+    grouped path, fullgraph (a graph break is an error), GatePro's window open at steps 1-2."""
+    model, optimizer = build(n_layer=2, n_exp=n_exp, router=name, top_k=top_k, expert_impl='grouped',
+                             gatepro_start_iter=1, gatepro_end_iter=3)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend='inductor' if device_type == 'cuda' else 'eager')
+    t0 = now()
+    for iter_num in range(5):
+        train_step(compiled, optimizer, tokens=check_batch)
+        model.step_finished(iter_num, {layer: torch.zeros(n_exp, dtype=torch.long, device=device)
+                                       for layer, _ in model.moe_layers()})
+    return torch._dynamo.utils.counters['stats']['unique_graphs'], now() - t0
+
+
+if gpu_check:
+    failures = []
+
+    def verdict(ok, what):
+        if not ok:
+            failures.append(what)
+        return 'ok' if ok else 'FAILED'
+
+    name = torch.cuda.get_device_name(device) if device_type == 'cuda' else 'cpu (dry run)'
+    capability = torch.cuda.get_device_capability(device) if device_type == 'cuda' else None
+    auto, why = describe_impl('auto', device_type, capability, torch.bfloat16, n_embd,
+                              config(n_exp=n_exp, top_k=top_k).expert_hidden)
+    print(f"gpu_check on {name}: torch {torch.__version__}, shapes n_layer={n_layer} n_embd={n_embd} "
+          f"tokens/step={tokens_per_step} n_exp={n_exp},{n_exp_large}; auto runs {auto} ({why})")
+    print(f"\nexperts alone in bf16 ({n_exp} experts, one idle, 5 dropped rows): vs plain, relative error")
+    for impl, (error, exact) in experts_check().items():
+        print(f"  {impl:<8} {error:.2e}  idle expert and dropped rows exactly 0: {exact}  "
+              f"{verdict(error <= GPU_CHECK_TOLERANCE and exact, f'experts {impl}')}")
+    check_batch = random_batch(max(1, batch_size // 4))
+    cases = [(router, {}) for router in ROUTERS] + [('topk', {'capacity_factor': 1.0})]
+    print(f"\nevery router, 2 layers, {check_batch[0].numel()} tokens: largest relative error against plain over the loss "
+          f"and every gradient; host syncs in a training step on the grouped path (CUDA's count / HostSyncCounter's)")
+    report = {}
+    for router, extra in cases:
+        label = router + (' +capacity' if extra else '')
+        per_token = {} if 'top_k' in ROUTERS[router].fixed else {'top_k': top_k}
+        model, optimizer = build(n_layer=2, n_exp=n_exp, router=router, **per_token, **extra)
+        plain = bf16_results(model, 'plain', check_batch)
+        errors = {impl: max(relative_error(got, plain[key]) for key, got in bf16_results(model, impl, check_batch).items())
+                  for impl in ('loop', 'grouped')}
+        cuda_syncs, events = syncs_of_a_step(model, optimizer, check_batch)
+        syncs_ok = not events and not cuda_syncs
+        report[label] = {'loop_error': errors['loop'], 'grouped_error': errors['grouped'], 'cuda_syncs': cuda_syncs,
+                         'counted_syncs': len(events)}
+        print(f"  {label:<18} loop {errors['loop']:.2e}  grouped {errors['grouped']:.2e}  syncs "
+              f"{'-' if cuda_syncs is None else cuda_syncs} / {len(events)}  "
+              f"{verdict(max(errors.values()) <= GPU_CHECK_TOLERANCE and syncs_ok, f'router {label}')}")
+        for what, frames in events[:3]:
+            print(f"      {what} at {', '.join(f'{f}:{line}' for f, line, _ in frames[:3])}")
+        del model, optimizer
+    print("\ntorch.compile(fullgraph=True), 5 steps, GatePro's window open at steps 1-2: graphs made")
+    for router in ('topk', 'gatepro'):
+        try:
+            graphs, seconds = graphs_compiled(router)
+            print(f"  {router:<8} {graphs} graph(s), {seconds:.0f} s  {verdict(graphs == 1, f'compile {router}')}")
+        except Exception as e:  # a graph break, or a compiler error: report it and go on
+            print(f"  {router:<8} {type(e).__name__}: {str(e).splitlines()[0][:200]}  {verdict(False, f'compile {router}')}")
+    print(f"\nms per training step (topk, {tokens_per_step} tokens, median of {steps})")
+    timings = {}
+    for experts_count in (n_exp, n_exp_large):
+        model, optimizer = build(n_exp=experts_count, top_k=top_k)
+
+        def timed(impl, m=model, o=optimizer):
+            set_expert_impl(m, impl)
+            return train_step(m, o)
+        times = interleaved({impl: (lambda i=impl: timed(i)) for impl in ('plain', 'loop', 'grouped')}, steps)
+        timings[experts_count] = {impl: median_time(t, 'full') * 1e3 for impl, t in times.items()}
+        print(f"  E={experts_count:<4} " + '  '.join(f"{impl} {ms:.1f}" for impl, ms in timings[experts_count].items()))
+        del model, optimizer
+    print(json.dumps({'gpu_check': name, 'routers': report, 'timings_ms': timings, 'failures': failures}))
+    print('gpu_check: ' + ('all ok' if not failures else f"FAILED: {', '.join(failures)}"))
+    sys.exit(1 if failures else 0)
+
+# -----------------------------------------------------------------------------
 # 1. MoE vs dense, forward+backward and full step, at each thread count
 print(f"device={device} dtype={dtype} tokens/step={tokens_per_step} steps={steps} router_steps={router_steps} "
       f"warmup={warmup} expert_impl={expert_impl} threads={','.join(map(str, thread_counts))} (of {all_cores})")
 labels = {'dense': 'dense', 'moe': f'moe E={n_exp}', 'moe64': f'moe E={n_exp_large}'}
+if compile:  # the same models (same weights and AdamW) run through torch.compile
+    labels.update({f'{name}_compiled': f'{label} comp.' for name, label in labels.items()})
+if device_type == 'cuda':
+    peak, peak_source = peak_flops(torch.cuda.get_device_name(device))
+    impl, why = describe_impl(expert_impl, 'cuda', torch.cuda.get_device_capability(device), PTDTYPES[dtype], n_embd,
+                              config(n_exp=n_exp, top_k=top_k).expert_hidden)
+    print(f"experts: {impl} ({why}); mfu against {peak_source}")
+
+
+def step_peak_memory(model, optimizer):
+    """Bytes a full training step allocates above what is held before it (CUDA)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    train_step(model, optimizer)
+    return torch.cuda.max_memory_allocated() - before
+
+
 results = {}
 for n_threads in thread_counts:
     torch.set_num_threads(n_threads)
     models = {'dense': build(n_exp=1), 'moe': build(n_exp=n_exp, top_k=top_k), 'moe64': build(n_exp=n_exp_large, top_k=top_k)}
+    if compile:
+        models.update({f'{name}_compiled': (torch.compile(m), o) for name, (m, o) in list(models.items())})
     times = interleaved({name: (lambda m=m, o=o: train_step(m, o)) for name, (m, o) in models.items()}, steps)
-    print(f"\nthreads={n_threads}\n{'model':<12} {'fwd+bwd ms':>10} {'tok/s':>8} {'vs dense':>8} {'(p25-p75)':>13} | "
+    print(f"\nthreads={n_threads}\n{'model':<16} {'fwd+bwd ms':>10} {'tok/s':>8} {'vs dense':>8} {'(p25-p75)':>13} | "
           f"{'full ms':>8} {'tok/s':>8} {'vs dense':>8} {'optimizer':>9}")
     for name in models:
+        dense = 'dense_compiled' if name.endswith('_compiled') else 'dense'
         fb, full = median_time(times[name]), median_time(times[name], 'full')
-        low, high = round_spread(times, name, 'dense')
-        print(f"{labels[name]:<12} {fb * 1e3:10.1f} {tokens_per_step / fb:8.0f} {speed_ratio(times, name, 'dense'):8.3f} "
+        low, high = round_spread(times, name, dense)
+        print(f"{labels[name]:<16} {fb * 1e3:10.1f} {tokens_per_step / fb:8.0f} {speed_ratio(times, name, dense):8.3f} "
               f"  {low:5.3f}-{high:5.3f} | {full * 1e3:8.1f} {tokens_per_step / full:8.0f} "
-              f"{speed_ratio(times, name, 'dense', 'full'):8.3f} {median_time(times[name], 'optimizer') / full:9.1%}")
+              f"{speed_ratio(times, name, dense, 'full'):8.3f} {median_time(times[name], 'optimizer') / full:9.1%}")
     at = {
         'moe_vs_dense': speed_ratio(times, 'moe', 'dense'),
         'moe64_vs_dense': speed_ratio(times, 'moe64', 'dense'),
@@ -457,9 +669,18 @@ for n_threads in thread_counts:
            for name in models},
         **{f'tokens_per_s_{name}': tokens_per_step / median_time(times[name]) for name in models},
     }
+    if compile:
+        at.update({f'{key}_compiled': speed_ratio(times, f'{moe}_compiled', 'dense_compiled', part)
+                   for key, moe, part in (('moe_vs_dense', 'moe', 'fwd_bwd'), ('moe64_vs_dense', 'moe64', 'fwd_bwd'),
+                                          ('moe_vs_dense_full', 'moe', 'full'), ('moe64_vs_dense_full', 'moe64', 'full'))})
     if device_type == 'cuda':
-        for name, (model, _) in models.items():
-            at[f'mfu_{name}'] = model.estimate_mfu(batch_size, median_time(times[name], 'full'))
+        print(f"\n{'model':<16} {'ms/step':>8} {'tok/s':>9} {'MFU':>7} {'peak MB':>9}   (full step; peak: what a step adds)")
+        for name, (model, optimizer) in models.items():
+            full = median_time(times[name], 'full')
+            at[f'mfu_{name}'] = models[name.replace('_compiled', '')][0].estimate_mfu(batch_size, full, peak)
+            at[f'step_peak_mb_{name}'] = step_peak_memory(model, optimizer) / 2**20
+            print(f"{labels[name]:<16} {full * 1e3:8.1f} {tokens_per_step / full:9.0f} {at[f'mfu_{name}']:7.1%} "
+                  f"{at[f'step_peak_mb_{name}']:9.0f}")
     results[f'threads_{n_threads}'] = at
     del models, times
 

@@ -10,13 +10,16 @@ it holds what measurement showed was worth the code, not new ideas.
            threads instead of one after another, each split over n threads (mm_per_expert).
            Reads the group sizes on the host, so on CUDA it waits for the GPU once per layer.
   grouped: one grouped GEMM for all experts (torch's grouped_mm), in bf16, no host sync.
-  auto:    grouped on a CUDA GPU of compute capability 8.0 or more when the experts run in
-           bf16, torch has grouped_mm and n_embd and expert_hidden are multiples of 8 (the
-           kernel wants 16-byte rows); loop everywhere else.
+  auto:    grouped on a CUDA GPU of compute capability 9.x or 10.x (H100, H200, B200: where
+           torch's grouped GEMM has native kernels) when the experts run in bf16, torch has
+           grouped_mm and n_embd and expert_hidden are multiples of 8 (the kernel wants
+           16-byte rows); loop everywhere else (choose_impl says why, train.py prints it).
 
 Every function takes x [P, d], the rows already sorted by expert, counts [E] (how many rows
 belong to each expert), and the stacked weights w_fc [E, d, h], w_proj [E, h, d]; it
-returns gelu(x_e @ w_fc[e]) @ w_proj[e] for every expert's block of rows, [P, d].
+returns gelu(x_e @ w_fc[e]) @ w_proj[e] for every expert's block of rows, [P, d]. Rows past
+the last group (sum(counts) <= P: pairs dropped by capacity, kept in place so that no shape
+depends on the routing) get an output of 0 and a gradient of 0.
 """
 
 import functools
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-# torch's grouped GEMM: one kernel runs every expert on its own rows (CUDA, bf16, sm80+).
+# torch's grouped GEMM: one kernel runs every expert on its own rows (bf16; native on sm90/sm100).
 # Public as F.grouped_mm in recent torch, private torch._grouped_mm before; absent in old versions.
 grouped_mm = getattr(F, 'grouped_mm', None) or getattr(torch, '_grouped_mm', None)
 GROUP_ALIGN = 8  # rows: 16 bytes of bf16. The weight gradient contracts over each group's rows,
@@ -130,7 +133,8 @@ class ExpertLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_fc, w_proj, counts):
-        sizes = counts.tolist()  # a host sync: fine on CPU, the reason CUDA runs the grouped GEMM
+        # the group sizes on the host (a list, or a tensor read back: a sync, fine on CPU)
+        sizes = counts.tolist() if torch.is_tensor(counts) else list(counts)
         pre = x.new_empty(x.size(0), w_fc.size(2))
         mm_per_expert(x.split(sizes), w_fc.unbind(0), pre.split(sizes), sizes)
         act = F.gelu(pre)
@@ -157,45 +161,99 @@ class ExpertLoop(torch.autograd.Function):
         return grad_x, grad_w_fc, grad_w_proj, None  # an expert with no rows gets a zero gradient
 
 
+@torch.compiler.disable  # a host-side loop: torch.compile runs it as it is, outside the graph
 def loop_experts(x, w_fc, w_proj, counts):
     if torch.is_autocast_enabled(x.device.type):
         # ExpertLoop's matmuls write into preallocated outputs, which autocast skips: cast here
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w_fc, w_proj = x.to(dtype), w_fc.to(dtype), w_proj.to(dtype)
-    return ExpertLoop.apply(x, w_fc, w_proj, counts)
+    sizes = counts.tolist()  # the one host sync of this path: the reason CUDA runs the grouped GEMM
+    routed = sum(sizes)  # rows past the experts' groups are dropped pairs: output 0, gradient 0
+    y = ExpertLoop.apply(x[:routed], w_fc, w_proj, sizes)
+    return y if routed == x.size(0) else F.pad(y, (0, 0, 0, x.size(0) - routed))
 
 
 def grouped_experts(x, w_fc, w_proj, counts):
+    """One grouped GEMM per projection, in bf16, without reading anything back to the host.
+
+    The kernel wants every group to start on a 16-byte boundary, so the rows are copied
+    into a zeroed buffer in which each expert's group is padded to a multiple of
+    GROUP_ALIGN rows, and to at least GROUP_ALIGN: an expert without rows then computes
+    on zero rows, so its weight gradient is exactly zero, and no group is empty (torch's
+    tracker reports empty groups giving wrong weight gradients on some GPUs, and
+    torchtitan pads the same way). The buffer's size is fixed by the shapes alone; the
+    last group runs to its end, so every row of the GEMM's output is computed (past the
+    last offset the kernel leaves memory uninitialised). Rows past the experts' groups
+    (dropped pairs) are not copied in: they get an output of 0 and a gradient of 0."""
     if grouped_mm is None:
         raise RuntimeError(f"expert_impl='grouped' needs torch.nn.functional.grouped_mm "
                            f"(torch {torch.__version__} has none); use expert_impl='loop'")
     E, P = counts.numel(), x.size(0)
-    # pad every group to a multiple of GROUP_ALIGN rows, all on the device (no host sync):
-    # row r of expert e moves from start[e] + i to padded_start[e] + i; padding rows are zero
-    padded = (counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN
-    padded_end = torch.cumsum(padded, 0)
-    shift = (padded_end - padded) - (torch.cumsum(counts, 0) - counts)  # padded_start - start
-    expert_of_row = torch.repeat_interleave(torch.arange(E, device=x.device), counts, output_size=P)
-    dest = torch.arange(P, device=x.device) + shift[expert_of_row]
-    x_pad = x.new_zeros(P + E * GROUP_ALIGN, x.size(1), dtype=torch.bfloat16).index_copy(0, dest, x.bfloat16())
-    offs = padded_end.to(torch.int32)
+    rows = -(-P // GROUP_ALIGN) * GROUP_ALIGN + E * GROUP_ALIGN  # >= sum of the padded groups
+    padded = torch.clamp((counts + GROUP_ALIGN - 1) // GROUP_ALIGN * GROUP_ALIGN, min=GROUP_ALIGN)
+    expert = torch.arange(E, device=x.device)
+    offs = torch.where(expert == E - 1, rows, torch.cumsum(padded, 0))  # group e ends at offs[e]
+    # row r of expert e moves from start[e] + i to padded_start[e] + i
+    ends = torch.cumsum(counts, 0)
+    row = torch.arange(P, device=x.device)
+    expert_of_row = torch.searchsorted(ends, row, right=True).clamp(max=E - 1)
+    routed = row < ends[-1]
+    dest = row - (ends - counts)[expert_of_row] + (offs - padded)[expert_of_row]
+    # dropped rows: copied into one extra row that the GEMM never sees, read back from the
+    # buffer's last row, which is padding (zero in, zero out) whenever a row was dropped
+    x_pad = x.new_zeros(rows + 1, x.size(1), dtype=torch.bfloat16).index_copy(
+        0, torch.where(routed, dest, rows), x.bfloat16())[:rows]
+    offs = offs.to(torch.int32)
     act = F.gelu(grouped_mm(x_pad, w_fc.bfloat16(), offs=offs))
     y = grouped_mm(act, w_proj.bfloat16(), offs=offs)
-    if y.requires_grad:
-        # the grouped GEMM's backward rejects a broadcast gradient (e.g. from y.sum())
-        y.register_hook(lambda grad: grad.contiguous())
-    return y[dest]
+    # a gather: its backward hands the GEMM a dense gradient, never a broadcast one (y.sum())
+    return y[torch.where(routed, dest, rows - 1)]
+
+
+GROUPED_NATIVE_MAJORS = (9, 10)  # Hopper (H100, H200) and datacenter Blackwell (B200, GB200, B300)
+
+
+def choose_impl(capability, bf16, has_grouped_mm, aligned):
+    """'auto' on a CUDA GPU of compute capability (major, minor): ('grouped' or 'loop', why).
+    A pure function of what the choice depends on, so the tests can fake any GPU.
+
+    torch's bf16 grouped GEMM has native kernels only for compute capability 9.x and 10.x.
+    On the others (A100 and A10 at 8.0/8.6, L4 and RTX 4090 at 8.9, RTX 5090 at 12.0) torch
+    2.8 raises an error and newer versions loop over the groups after copying the offsets
+    to the host, several times a layer: the loop here reads the group sizes once."""
+    name = f"compute capability {capability[0]}.{capability[1]}"
+    if capability[0] not in GROUPED_NATIVE_MAJORS:
+        return 'loop', f"{name}: torch's grouped GEMM is native only on 9.x and 10.x (H100, H200, B200)"
+    if not has_grouped_mm:
+        return 'loop', f"{name}, but torch {torch.__version__} has no grouped_mm"
+    if not bf16:
+        return 'loop', f"{name}, but the experts do not run in bf16 (the grouped GEMM's dtype)"
+    if not aligned:
+        return 'loop', f"{name}, but n_embd or expert_hidden is not a multiple of 8 (the kernel wants 16-byte rows)"
+    return 'grouped', f"{name}, bf16: torch's native grouped GEMM, no host sync"
+
+
+def describe_impl(impl, device_type, capability, compute_dtype, n_embd, expert_hidden):
+    """(the implementation that runs, one line saying why): what train.py prints at start-up
+    and what every forward runs. capability: the CUDA device's (major, minor), None on
+    other devices; compute_dtype: the dtype the experts run in (autocast's, if on)."""
+    if impl != 'auto':
+        native = device_type != 'cuda' or impl != 'grouped' or capability[0] in GROUPED_NATIVE_MAJORS
+        return impl, f"expert_impl={impl!r}, as set" + ('' if native else
+                                                     ": this GPU has no native grouped GEMM, torch loops over the groups")
+    if device_type != 'cuda':
+        return 'loop', f"{device_type}: the grouped GEMM is for CUDA GPUs"
+    aligned = n_embd % 8 == 0 and expert_hidden % 8 == 0
+    return choose_impl(capability, compute_dtype == torch.bfloat16, grouped_mm is not None, aligned)
 
 
 def resolve_impl(impl, x, w_fc):
-    """'auto' -> 'grouped' or 'loop' for this input (see the module docstring)."""
-    if impl != 'auto':
-        return impl
-    bf16 = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(x.device.type)
-                                         and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)
-    sm80 = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 0)
-    aligned = w_fc.size(1) % 8 == 0 and w_fc.size(2) % 8 == 0  # rows of 16 bytes in bf16
-    return 'grouped' if grouped_mm is not None and bf16 and sm80 and aligned else 'loop'
+    """The implementation to run for this input and these weights (describe_impl)."""
+    if impl != 'auto' or not x.is_cuda:
+        return impl if impl != 'auto' else 'loop'
+    dtype = torch.get_autocast_dtype('cuda') if torch.is_autocast_enabled('cuda') else x.dtype
+    return describe_impl(impl, 'cuda', torch.cuda.get_device_capability(x.device), dtype,
+                         w_fc.size(1), w_fc.size(2))[0]
 
 
 def run_experts(impl, x, w_fc, w_proj, counts):

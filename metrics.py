@@ -3,8 +3,9 @@ Routing metrics, computed from what the routers returned (routers.Routing). No t
 logic here. All are per MoE layer; the README's metrics table defines each one.
 
 RoutingStats accumulates over several forward passes (gradient-accumulation micro-steps,
-evaluation batches) with tensor ops only; summary() turns the totals into Python numbers
-(one device sync), so train.py calls it only on logging steps.
+evaluation batches) with tensor ops only, nothing read back from the device; to_host()
+moves every total to the host in one transfer (one sync on a GPU), after which summary()
+turns them into Python numbers, so train.py reads metrics back only on logging steps.
 """
 
 import torch
@@ -78,20 +79,37 @@ def gate_spectral_entropy(similarity):
     return -(p * p.log()).sum()
 
 
-def expert_overlap(token_idx, expert_out, n_tokens):
+def kept_pair_coactivation(routing, partner, n_tokens):
+    """pair_coactivation over the pairs of a Routing that capacity kept, without selecting
+    them (a selection's size would be read back from the device): a dropped pair selects
+    an extra column E whose partner, column E + 1, no pair selects, so it adds nothing to
+    the count of tokens with both i and j*(i); the mean over E + 2 columns is rescaled to E."""
+    if routing.kept is None:
+        return pair_coactivation(routing.token_idx, routing.expert_idx, partner, n_tokens)
+    n_exp = partner.numel()
+    expert_idx = routing.expert_idx.masked_fill(~routing.kept, n_exp)
+    partner = torch.cat([partner, torch.full((2,), n_exp + 1, dtype=partner.dtype, device=partner.device)])
+    return pair_coactivation(routing.token_idx, expert_idx, partner, n_tokens) * (n_exp + 2) / n_exp
+
+
+def expert_overlap(token_idx, expert_out, n_tokens, kept=None):
     """How alike the outputs of a token's selected experts are: for each token, the mean
     |cos| between the raw outputs E_j(x_t) of its experts over its pairs of experts; returns
-    (sum of that over the tokens, number of tokens), or None unless every token has the same
-    k >= 2 experts (token choice without drops). The orthogonality loss of Guo et al. 2025
-    (arXiv 2505.22323) pushes it towards 0. expert_out [P, d], row p for pair p (token_idx[p])."""
-    per_token = torch.bincount(token_idx, minlength=n_tokens)
-    k = int(per_token[0])
-    if k < 2 or token_idx.numel() != k * n_tokens or not bool((per_token == k).all()):
+    (sum of that over the tokens, number of tokens) as tensors, or None when the shapes
+    rule it out (P is not k*N for some k >= 2). Defined only when every token has the same
+    k experts (token choice without drops; kept [P] bool marks the pairs capacity kept):
+    otherwise both are 0, decided on the device, not read back. The orthogonality loss of
+    Guo et al. 2025 (arXiv 2505.22323) pushes it towards 0. expert_out [P, d], row p for
+    pair p (token_idx[p])."""
+    k = token_idx.numel() // n_tokens
+    if k < 2 or token_idx.numel() != k * n_tokens:
         return None
+    every_token_has_k = (expert_counts(token_idx, n_tokens, kept) == k).all()  # kept pairs per token
     rows = F.normalize(expert_out[torch.argsort(token_idx, stable=True)].float(), dim=-1).view(n_tokens, k, -1)
     cos = (rows @ rows.transpose(1, 2)).abs()  # [N, k, k]
-    off_diagonal = ~torch.eye(k, dtype=torch.bool, device=cos.device)
-    return cos[:, off_diagonal].mean(dim=1).sum(), n_tokens
+    off_diagonal = 1.0 - torch.eye(k, device=cos.device)  # a product, not a mask: a mask's selection would sync
+    total = (cos * off_diagonal).sum(dim=(1, 2)).sum() / (k * (k - 1))
+    return torch.where(every_token_has_k, total, 0.0), every_token_has_k.long() * n_tokens
 
 
 def normalized_mutual_information(counts):
@@ -146,32 +164,32 @@ class RoutingStats:
             n_exp, n_tokens = routing.logits.size(-1), routing.logits.size(0)
             totals = self.layers.setdefault(layer, {'counts': 0, 'zero_per_pass': 0, 'n_requested': 0, 'n_pairs': 0,
                                                     'entropy_sum': 0.0, 'variance_sum': 0.0, 'n_tokens': 0})
-            counts = expert_counts(routing.expert_idx, n_exp)
+            counts = routing.load()  # kept assignments only: a dropped pair is no expert's load
             totals['counts'] = totals['counts'] + counts
             totals['zero_per_pass'] = totals['zero_per_pass'] + (counts == 0).sum()
             totals['n_requested'] += routing.n_requested
-            totals['n_pairs'] += routing.n_pairs
+            totals['n_pairs'] = totals['n_pairs'] + routing.n_pairs
             if not full:
                 continue
             totals['entropy_sum'] = totals['entropy_sum'] + router_entropy(routing.logits).sum()
             totals['variance_sum'] = totals['variance_sum'] + routing_variance(routing.logits).sum()
             totals['n_tokens'] += n_tokens
             if routing.gate_weight is not None:
-                totals['coactivation_sum'] = totals.get('coactivation_sum', 0.0) + n_tokens * pair_coactivation(
-                    routing.token_idx, routing.expert_idx, gatepro_partners(routing.gate_weight), n_tokens)
+                totals['coactivation_sum'] = totals.get('coactivation_sum', 0.0) + n_tokens * kept_pair_coactivation(
+                    routing, gatepro_partners(routing.gate_weight), n_tokens)
                 totals['gate_weight'] = routing.gate_weight  # the latest weights
             if routing.expert_out is not None:
-                overlap = expert_overlap(routing.token_idx, routing.expert_out, n_tokens)
+                overlap = expert_overlap(routing.token_idx, routing.expert_out, n_tokens, routing.kept)
                 if overlap is not None:
                     totals['overlap_sum'] = totals.get('overlap_sum', 0.0) + overlap[0]
                     totals['overlap_tokens'] = totals.get('overlap_tokens', 0) + overlap[1]
             if labels is not None:
                 n_labels = len(self.label_names)
                 top = routing.top_expert(n_tokens)
-                picked = top >= 0  # a token without an expert (dropped) has no top-1
-                cell = top[picked] * n_labels + labels.reshape(-1)[picked]
+                picked = top >= 0  # a token without an expert (dropped) has no top-1: it adds 0
+                cell = top.clamp(min=0) * n_labels + labels.reshape(-1)
                 table = torch.zeros(n_exp * n_labels, dtype=torch.long, device=cell.device).index_add_(
-                    0, cell, torch.ones_like(cell)).view(n_exp, n_labels)
+                    0, cell, picked.long()).view(n_exp, n_labels)
                 totals['label_counts'] = totals.get('label_counts', 0) + table
 
     def load_counts(self):
@@ -183,13 +201,34 @@ class RoutingStats:
         for layer, counts in load_counts.items():
             self.layers[layer]['counts'] = counts
 
+    def to_host(self, **extra):
+        """(a copy of these statistics with every total on the host, {name: Python number}
+        for the extra 0-d tensors), all moved in one transfer: a single sync when they are
+        on a GPU. summary() and loss_summary() of the copy read nothing from the device."""
+        host = RoutingStats(self.label_names)
+        host.n_passes, host.on_host = self.n_passes, True
+        host.layers = {layer: dict(totals) for layer, totals in self.layers.items()}
+        host.losses = dict(self.losses)
+        slots = [(totals, key) for totals in [*host.layers.values(), host.losses]
+                 for key, value in totals.items() if torch.is_tensor(value)]
+        values = read_back([totals[key] for totals, key in slots] + list(extra.values()))
+        for (totals, key), value in zip(slots, values):
+            totals[key] = value
+        return host, {name: value.item() for name, value in zip(extra, values[len(slots):])}
+
+    on_host = False  # True for a copy made by to_host()
+
     def loss_summary(self):
         """Mean per forward pass of each router loss, summed over layers."""
+        if not self.on_host:
+            return self.to_host()[0].loss_summary()
         return {name: float(total) / self.n_passes for name, total in self.losses.items()}
 
     def summary(self, tables=False):
         """One dict per layer, in layer order, with Python numbers (for logs and JSON).
         tables=True adds the E x E gate similarity matrix and the expert x label counts."""
+        if not self.on_host:
+            return self.to_host()[0].summary(tables)
         rows = []
         for layer in sorted(self.layers):
             totals = self.layers[layer]
@@ -198,8 +237,8 @@ class RoutingStats:
             if totals['n_tokens'] > 0:
                 row['router_entropy'] = float(totals['entropy_sum']) / totals['n_tokens']
                 row['routing_variance'] = float(totals['variance_sum']) / totals['n_tokens']
-            if 'overlap_sum' in totals:
-                row['expert_overlap'] = float(totals['overlap_sum']) / totals['overlap_tokens']
+            if totals.get('overlap_tokens', 0) > 0:
+                row['expert_overlap'] = float(totals['overlap_sum']) / float(totals['overlap_tokens'])
             if 'gate_weight' in totals:
                 similarity = gate_similarity(totals['gate_weight'])
                 row['pair_coactivation'] = float(totals['coactivation_sum']) / totals['n_tokens']
@@ -212,9 +251,21 @@ class RoutingStats:
                 row['specialization'] = normalized_mutual_information(totals['label_counts'])
                 if tables:
                     row['expert_label_counts'] = totals['label_counts'].tolist()
-            row['dropped_frac'] = 1.0 - totals['n_pairs'] / max(totals['n_requested'], 1)
+            row['dropped_frac'] = 1.0 - float(totals['n_pairs']) / max(totals['n_requested'], 1)
             rows.append(row)
         return rows
+
+
+def read_back(tensors):
+    """Host copies of tensors on one device (any shapes and dtypes), in a single transfer:
+    their bytes are concatenated on the device and copied once, where one .item() or
+    .tolist() each would wait for the device once each."""
+    if not tensors:
+        return []
+    flat = [t.detach().reshape(-1).view(torch.uint8) for t in tensors]
+    host = torch.cat(flat).cpu()
+    # clone: a dtype view needs its start aligned to the element size
+    return [part.clone().view(t.dtype).view(t.shape) for part, t in zip(host.split([f.numel() for f in flat]), tensors)]
 
 
 def format_routing_table(rows):

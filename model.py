@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fast_experts import run_experts
-from routers import RouterConfig, build_router, expert_counts
+from routers import RouterConfig, build_router
 
 
 class LayerNorm(nn.Module):
@@ -76,11 +76,12 @@ class Experts(nn.Module):
     w_fc [E, d, h] and w_proj [E, h, d].
 
     Input: the tokens already sorted by expert, x [P, d], and counts [E] (how many rows
-    belong to each expert). Output: [P, d], row for row.
+    belong to each expert; rows past sum(counts) were dropped by capacity). Output: [P, d],
+    row for row, 0 for a dropped row.
 
     expert_impl='plain' runs the loop below with autograd: read it to see what an MoE layer
     computes. The default 'auto' runs the same computation faster (fast_experts.py: a
-    hand-written backward on CPU, one grouped GEMM on recent GPUs); tests check they agree."""
+    hand-written backward on CPU, one grouped GEMM on H100/H200/B200); tests check they agree."""
 
     def __init__(self, config):
         super().__init__()
@@ -94,8 +95,10 @@ class Experts(nn.Module):
         if self.impl != 'plain':
             return run_experts(self.impl, x, self.w_fc, self.w_proj, counts)
         # one matmul pair per expert, each on its own contiguous block of rows
-        outputs = [F.gelu(rows @ self.w_fc[e]) @ self.w_proj[e] for e, rows in enumerate(x.split(counts.tolist()))]
-        return torch.cat(outputs)
+        sizes = counts.tolist()
+        outputs = [F.gelu(rows @ self.w_fc[e]) @ self.w_proj[e] for e, rows in enumerate(x[:sum(sizes)].split(sizes))]
+        dropped = outputs[0].new_zeros(x.size(0) - sum(sizes), self.w_proj.size(2))  # pairs over capacity: no expert
+        return torch.cat(outputs + [dropped])
 
 
 class MoE(nn.Module):
@@ -120,10 +123,12 @@ class MoE(nn.Module):
         h = x.reshape(B * T, C)
         routing = self.router(h, None if token_ids is None else token_ids.reshape(-1), seq_len=T)
 
-        # dispatch: sort the pairs by expert so each expert reads one contiguous block
-        order = torch.argsort(routing.expert_idx, stable=True)
+        # dispatch: sort the pairs by expert so each expert reads one contiguous block; pairs
+        # dropped by capacity sort last, past every group, and no expert runs on them
+        expert_key = routing.expert_idx if routing.kept is None else routing.expert_idx.masked_fill(~routing.kept, self.n_exp)
+        order = torch.argsort(expert_key, stable=True)
         token_sorted = routing.token_idx[order]
-        counts = expert_counts(routing.expert_idx, self.n_exp)
+        counts = routing.load()
         expert_out = self.experts(h[token_sorted], counts)
         losses = {**routing.losses, **self.router.output_losses(routing, expert_out, order)}
         if keep_expert_out:
@@ -302,7 +307,8 @@ class GPT(nn.Module):
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
-        """Model FLOPs utilisation against peak_flops (default: A100 bf16, 312 TFLOPS).
+        """Model FLOPs utilisation against peak_flops (default: A100 bf16, 312 TFLOPS; train.py
+        passes the GPU's own, system.peak_flops).
         PaLM appendix B: 6*N flops per token for the weights plus 12*L*H*Q*T for attention,
         with N the ACTIVE parameters: an MoE token only touches its k experts."""
         N = self.get_num_active_params()

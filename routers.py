@@ -7,8 +7,9 @@ states of the N tokens of a batch, h [N, d], and returns a Routing: a flat list 
 (token, expert, weight) assignment pairs, the router's own losses (already multiplied by
 their coefficients) and its raw scores for the metrics.
 
-Flat pairs let token choice (P = N*k), capacity dropping (fewer pairs), expert choice
-(P = E*C) and routers with a variable number of experts per token share one MoE layer.
+Flat pairs let token choice (P = N*k), capacity dropping (pairs marked dropped, with
+weight 0), expert choice (P = E*C) and routers with a variable number of experts per
+token share one MoE layer.
 
 The loss functions are pure functions of tensors so you can check them by hand.
 Adding a router = one class + one line in ROUTERS + one test in test_routers.py; a new
@@ -30,31 +31,47 @@ import torch.nn.functional as F
 class Routing:
     token_idx: torch.Tensor   # [P] long: which token each assignment belongs to
     expert_idx: torch.Tensor  # [P] long: which expert it goes to
-    weight: torch.Tensor      # [P] float: gate weight multiplying that expert's output
+    weight: torch.Tensor      # [P] float: gate weight multiplying that expert's output (0 if dropped)
     logits: torch.Tensor      # [N, E] fp32 raw router scores, detached, for metrics
     losses: dict = field(default_factory=dict)  # name -> scalar, already scaled by its coefficient
     gate_weight: Optional[torch.Tensor] = None  # [E, d] the gate W_g, detached (GatePro's metrics); None = no gate
-    n_requested: Optional[int] = None  # assignments asked for before capacity dropping (None = P)
+    kept: Optional[torch.Tensor] = None  # [P] bool: False for a pair dropped by capacity; None = none can be
     expert_out: Optional[torch.Tensor] = None  # [P, d] raw output of each pair's expert, detached: the MoE
                                                # layer adds it to a copy of the Routing when asked (metrics)
+    # A dropped pair stays in the tensors, with weight 0 and kept False: P is what the router
+    # asked for, whatever the capacity drops, so no shape depends on the routing (selecting
+    # the kept pairs would read their number back from the GPU, and recompile under
+    # torch.compile whenever it changed). The MoE layer runs no expert for it.
 
-    def __post_init__(self):
-        if self.n_requested is None:
-            self.n_requested = self.n_pairs
+    @property
+    def n_requested(self):
+        """Assignments the router asked for, before capacity dropping: P."""
+        return self.token_idx.numel()
 
     @property
     def n_pairs(self):
-        return self.token_idx.numel()
+        """Assignments kept: P, or a 0-d tensor when capacity may have dropped some (on the
+        device: read it back together with the other numbers, not alone)."""
+        return self.n_requested if self.kept is None else self.kept.sum()
+
+    def load(self):
+        """[E] long: kept assignments per expert."""
+        return expert_counts(self.expert_idx, self.logits.size(-1), self.kept)
 
     def top_expert(self, n_tokens):
         """[n_tokens] long: the expert with the largest gate weight for each token, -1
-        for a token that got no expert (dropped, or unpicked under expert choice)."""
-        best_weight = torch.full((n_tokens,), -float('inf'), device=self.weight.device)
-        best_weight.scatter_reduce_(0, self.token_idx, self.weight.detach().float(), reduce='amax')
-        is_best = self.weight.detach().float() == best_weight[self.token_idx]
-        best = torch.full((n_tokens,), -1, dtype=torch.long, device=self.weight.device)
-        best[self.token_idx[is_best]] = self.expert_idx[is_best]
-        return best
+        for a token that got no expert (dropped, or unpicked under expert choice). Ties go
+        to the pair listed last."""
+        weight = self.weight.detach().float()
+        if self.kept is not None:
+            weight = weight.masked_fill(~self.kept, -float('inf'))
+        best_weight = torch.full((n_tokens,), -float('inf'), device=weight.device)
+        best_weight.scatter_reduce_(0, self.token_idx, weight, reduce='amax')
+        is_best = (weight == best_weight[self.token_idx]) & (weight > -float('inf'))
+        pair = torch.arange(weight.numel(), device=weight.device)
+        best_pair = torch.full((n_tokens,), -1, dtype=torch.long, device=weight.device)
+        best_pair.scatter_reduce_(0, self.token_idx, torch.where(is_best, pair, -1), reduce='amax')
+        return torch.where(best_pair >= 0, self.expert_idx[best_pair.clamp(min=0)], -1)
 
 
 # -----------------------------------------------------------------------------
@@ -274,11 +291,12 @@ def capacity_keep_mask(expert_idx, n_exp, capacity):
     return keep
 
 
-def expert_counts(expert_idx, n_exp):
-    """[E] long: how many assignments each expert got. Not torch.bincount: on CUDA it reads
-    the largest index back to the host to size its output, a sync on every call."""
-    return torch.zeros(n_exp, dtype=torch.long, device=expert_idx.device).index_add_(
-        0, expert_idx, torch.ones_like(expert_idx))
+def expert_counts(expert_idx, n_exp, kept=None):
+    """[E] long: how many assignments each expert got (kept [P] bool: only those kept).
+    Not torch.bincount: on CUDA it reads the largest index back to the host to size its
+    output, a sync on every call."""
+    ones = torch.ones_like(expert_idx) if kept is None else kept.long()
+    return torch.zeros(n_exp, dtype=torch.long, device=expert_idx.device).index_add_(0, expert_idx, ones)
 
 
 # -----------------------------------------------------------------------------
@@ -342,7 +360,8 @@ class Router(nn.Module):
 
     def drop_over_capacity(self, routing):
         """Switch sec. 2.2: each expert takes at most `capacity` assignments; the rest are
-        dropped (their tokens keep only the residual). Returns a new Routing; no capacity
+        dropped (their tokens keep only the residual). Returns a new Routing in which a
+        dropped pair has weight 0 and kept False (it stays in place: Routing); no capacity
         factor = dropless, the same Routing. The losses were computed before: the balance
         loss sees what the router asked for."""
         capacity_factor = self.capacity_factor if self.training else self.eval_capacity_factor
@@ -351,8 +370,7 @@ class Router(nn.Module):
         n_tokens = routing.logits.size(0)
         keep = capacity_keep_mask(routing.expert_idx, self.n_exp,
                                   expert_capacity(n_tokens, self.n_exp, self.top_k, capacity_factor))
-        return replace(routing, token_idx=routing.token_idx[keep], expert_idx=routing.expert_idx[keep],
-                       weight=routing.weight[keep], n_requested=routing.n_requested)
+        return replace(routing, weight=torch.where(keep, routing.weight, 0.0), kept=keep)
 
     def output_losses(self, routing, expert_out, order):
         """Losses on the experts' raw outputs, which exist only after the experts ran:
@@ -451,26 +469,29 @@ class GateProRouter(TopKRouter):
         self.penalty = config.gatepro_penalty
         self.start_iter = config.gatepro_start_iter
         self.end_iter = config.gatepro_end_iter
-        self.iter_num = 0  # the iteration the next forward belongs to: training steps finished so far
+        # the iteration the next forward belongs to (training steps finished so far): a buffer,
+        # so it is checkpointed, and a tensor, so that torch.compile does not specialise the
+        # graph on its value (a Python int would recompile it every step)
+        self.register_buffer('iter_num', torch.zeros((), dtype=torch.long))
+        self._register_load_state_dict_pre_hook(self._count_from_extra_state)
 
     def step_finished(self, iter_num, load_counts):
-        self.iter_num = iter_num + 1
+        self.iter_num.fill_(iter_num + 1)
 
-    # iter_num goes into the state dict (a plain int, no tensor to read back from a GPU),
-    # so a resumed run and sample.py route as the run did at the checkpoint
-    def get_extra_state(self):
-        return self.iter_num
-
-    def set_extra_state(self, state):
-        self.iter_num = int(state)
+    @staticmethod
+    def _count_from_extra_state(state_dict, prefix, *args):
+        # checkpoints written before the count was a buffer hold it as the module's extra state
+        if prefix + '_extra_state' in state_dict and prefix + 'iter_num' not in state_dict:
+            state_dict[prefix + 'iter_num'] = torch.tensor(int(state_dict.pop(prefix + '_extra_state')))
 
     def competing(self):
-        return self.start_iter <= self.iter_num and (self.end_iter is None or self.iter_num < self.end_iter)
+        """0-d bool tensor: is the competition on at this iteration? (no host read)"""
+        on = self.iter_num >= self.start_iter
+        return on if self.end_iter is None else on & (self.iter_num < self.end_iter)
 
     def choice_logits(self, logits):
-        if not self.competing():
-            return logits
-        return gatepro_penalize(logits, self.gate.weight, self.penalty)
+        # outside the window the plain logits, exactly; torch.where, not an if, keeps one graph
+        return torch.where(self.competing(), gatepro_penalize(logits, self.gate.weight, self.penalty), logits)
 
 
 class OrthoVarRouter(TopKRouter):

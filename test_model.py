@@ -92,7 +92,7 @@ def test_dropped_token_keeps_its_residual():
     moe = MoE(config).train()
     x = torch.randn(1, 16, 32)
     y, routing, _ = moe(x)
-    routed = set(routing.token_idx.tolist())
+    routed = set(routing.token_idx[routing.kept].tolist())  # a dropped pair stays, with kept False
     dropped = [t for t in range(16) if t not in routed]
     assert dropped, "capacity 0.25 with 16 tokens and 4 experts must drop some tokens"
     # the MoE contributes exactly zero to a dropped token: its block output is the residual

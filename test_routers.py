@@ -306,7 +306,7 @@ def test_gatepro_equals_topk_exactly_outside_the_window():
     h = torch.randn(64, 8)
     reference = topk(h)
     for iter_num, competing in [(0, False), (4, False), (5, True), (9, True), (10, False), (100, False)]:
-        gatepro.iter_num = iter_num
+        gatepro.iter_num.fill_(iter_num)  # the count is a tensor buffer
         r = gatepro(h)
         same = torch.equal(r.expert_idx, reference.expert_idx) and torch.equal(r.weight, reference.weight)
         assert same != competing, iter_num
@@ -651,7 +651,7 @@ def test_router_contract(name):
     token_ids = torch.randint(0, config.vocab_size, (N,))
     r = router.train()(h, token_ids)
     assert isinstance(r, Routing)
-    P = r.n_pairs
+    P = r.n_requested  # every pair asked for stays in the tensors; capacity marks the dropped ones in r.kept
     assert r.token_idx.shape == r.expert_idx.shape == r.weight.shape == (P,)
     assert r.logits.shape == (N, E) and r.logits.dtype == torch.float32
     assert r.token_idx.min() >= 0 and r.token_idx.max() < N
@@ -660,15 +660,17 @@ def test_router_contract(name):
     if router.exactly_top_k:
         # token choice: exactly k distinct experts for every token, some dropped by capacity
         assert r.n_requested == N * config.top_k
+        kept = torch.ones(P, dtype=torch.bool) if r.kept is None else r.kept
         pairs = set(zip(r.token_idx.tolist(), r.expert_idx.tolist()))
         assert len(pairs) == P
-        per_token = torch.bincount(r.token_idx, minlength=N)
+        per_token = torch.bincount(r.token_idx[kept], minlength=N)
         if config.capacity_factor is None:
-            assert per_token.tolist() == [config.top_k] * N
+            assert per_token.tolist() == [config.top_k] * N and r.kept is None
         else:
             capacity = expert_capacity(N, E, config.top_k, config.capacity_factor)
-            assert (per_token <= config.top_k).all() and P < N * config.top_k
-            assert torch.bincount(r.expert_idx, minlength=E).max() <= capacity
+            assert (per_token <= config.top_k).all() and r.n_pairs == kept.sum() < N * config.top_k
+            assert torch.bincount(r.expert_idx[kept], minlength=E).max() <= capacity
+            assert (r.weight[~kept] == 0).all()  # a dropped pair weighs nothing
     # gradient reaches the router's parameters through the gate weights (and losses)
     params = [p for p in router.parameters() if p.requires_grad]
     if params:
@@ -718,7 +720,7 @@ def test_router_is_finite_at_extreme_and_equal_logits(name, case, autocast):
         with torch.autocast('cpu', dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             r = router(h_in.to(autocast) if autocast else h_in, token_ids, seq_len=3)
             n_tokens = r.logits.size(0)
-            expert_out = torch.randn(r.n_pairs, 8)
+            expert_out = torch.randn(r.n_requested, 8)  # a row for every pair, dropped ones too
             order = torch.argsort(r.expert_idx, stable=True)
             losses = {**r.losses, **router.output_losses(r, expert_out[order], order)}
         what = f"{name}, {case}, {'train' if training else 'eval'}"

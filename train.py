@@ -36,10 +36,11 @@ from checkpoint import (DATA, EVAL, NOISE, CheckpointError, Interrupt, load_chec
                         nonfinite_report, rng_state, save_checkpoint, seed_for, set_rng_state)
 from configurator import ConfigError, apply_overrides
 from ddp import all_reduce_stats, replicas_differ
+from fast_experts import describe_impl
 from metrics import CHARACTER_CLASSES, RoutingStats, character_class, format_routing_table
 from model import GPT, GPTConfig
-from system import (autocast_context, check_tokens, device_type_of, keep_freed_memory_on_cpu, load_meta, pick_device,
-                    pick_dtype)
+from system import (PTDTYPES, autocast_context, check_tokens, device_type_of, keep_freed_memory_on_cpu, load_meta,
+                    peak_flops, pick_device, pick_dtype)
 
 
 def fail(message):
@@ -332,6 +333,14 @@ if master_process:
     print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, {model.get_num_active_params() / 1e6:.2f}M active per token")
     if gptconf.use_moe:
         print(f"router: {gptconf.describe()}; MoE layers {[i for i, _ in model.moe_layers()]}")
+        capability = torch.cuda.get_device_capability(device) if device_type == 'cuda' else None
+        impl, why = describe_impl(gptconf.expert_impl, device_type, capability, PTDTYPES[dtype], gptconf.n_embd,
+                                  gptconf.expert_hidden)
+        print(f"experts: {impl} ({why})")
+# MFU against the GPU's own peak where system.PEAK_TFLOPS knows it
+peak, peak_source = peak_flops(torch.cuda.get_device_name(device) if device_type == 'cuda' else device_type)
+if master_process:
+    print(f"mfu: against {peak_source}")
 
 raw_model = model
 if compile:
@@ -360,7 +369,7 @@ def estimate_loss():
             X, Y, labels = get_batch(split, with_labels=True)
             measure = split == 'val'  # the log reports the routing of the val batches only
             with ctx:
-                _, lm_loss, router_losses, routings = model(X, Y, keep_expert_out=measure)
+                lm_loss, router_losses, routings = model(X, Y, keep_expert_out=measure)[1:]  # logits not kept
             losses[k] = lm_loss.item()
             if measure:
                 stats.add(routings, router_losses, labels=labels)
@@ -468,8 +477,8 @@ while True:
             model.require_backward_grad_sync = (micro_step == gradient_accumulation_steps - 1)
         # dropout and router noise from a seed of (iteration, micro-step of the global batch)
         torch.manual_seed(seed_for(seed, iter_num, NOISE, ddp_rank * gradient_accumulation_steps + micro_step))
-        with ctx:
-            logits, lm_loss, router_losses, routings = model(X, Y, keep_expert_out=log_step)
+        with ctx:  # the logits are not kept: at GPT-2's vocabulary they are the largest tensor of the step
+            lm_loss, router_losses, routings = model(X, Y, keep_expert_out=log_step)[1:]
             loss = (lm_loss + sum(router_losses.values())) / gradient_accumulation_steps
         step_stats.add(routings, router_losses, full=log_step)
         step_lm_loss += lm_loss.detach() / gradient_accumulation_steps
@@ -480,6 +489,7 @@ while True:
         if micro_step + 1 < gradient_accumulation_steps:
             X, Y = get_batch('train', offsets[micro_step + 1])  # prefetch while the GPU works on backward
         scaler.scale(loss).backward()
+        del routings, router_losses  # else they stay alive through the next micro-step's forward
     grad_norm = None
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
@@ -528,17 +538,18 @@ while True:
     dt = t1 - t0
     t0 = t1
     if log_step and master_process and finite:
-        router_losses = step_stats.loss_summary()
-        lm_loss = step_lm_loss.item()
+        host_stats, host = step_stats.to_host(lm_loss=step_lm_loss)  # the step's numbers, read back in one transfer
+        router_losses = host_stats.loss_summary()
+        lm_loss = host['lm_loss']
         if local_iter_num >= 5:  # let the training loop settle a bit
-            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt)
+            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         loss_parts = ''.join(f", {name} {value:.4f}" for name, value in router_losses.items())
         mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else '-'
         print(f"iter {iter_num}: loss {lm_loss:.4f}{loss_parts}, lr {lr:.2e}, time {dt * 1000:.1f}ms, "
               f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu_text}")
         log_json({'iter': iter_num, 'split': 'train', 'loss': lm_loss, 'lr': lr, 'losses': router_losses,
-                  'layers': step_stats.summary(), 'time_ms': dt * 1000, 'tokens_per_s': tokens_per_iter / dt,
+                  'layers': host_stats.summary(), 'time_ms': dt * 1000, 'tokens_per_s': tokens_per_iter / dt,
                   'mfu': running_mfu, 'skipped_steps': skipped_steps})
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': lm_loss, 'lr': lr, 'mfu': running_mfu * 100,
