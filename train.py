@@ -37,7 +37,8 @@ from checkpoint import (DATA, EVAL, GPT2_NAMES, NOISE, CheckpointError, Interrup
                         set_rng_state)
 from configurator import ConfigError, apply_overrides
 from ddp import all_reduce_stats, replicas_differ
-from metrics import CHARACTER_CLASSES, RoutingStats, character_class, format_routing_table
+from metrics import (CHARACTER_CLASSES, RoutingStats, answer_prompts, character_class, exact_match,
+                     format_routing_table)
 from model import GPT, GPTConfig, upcycle_state_dict
 from routers import RouterConfig
 from system import (autocast_context, check_tokens, device_type_of, keep_freed_memory_on_cpu, load_meta, pick_device,
@@ -64,6 +65,7 @@ eval_interval = 150
 log_interval = 25
 eval_iters = 20
 eval_only = False  # if True, evaluate once and exit
+eval_answers = 32  # per domain with checkable answers (domains: arithmetic, lists), greedy answers scored at eval; 0 = off
 always_save_checkpoint = False  # if False, save only when val loss improves
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or a new run from trained weights: a
 # checkpoint (ckpt.pt or its folder; a dense one with n_exp > 1 is upcycled), a Hugging Face GPT-2 folder, or
@@ -218,6 +220,20 @@ if meta and 'domains' in meta and os.path.exists(os.path.join(data_dir, 'val_dom
 elif meta and 'itos' in meta:
     label_names = CHARACTER_CLASSES
     class_of_token = torch.tensor([character_class(meta['itos'][i]) for i in range(meta['vocab_size'])])
+
+# a task metric where the dataset has checkable answers (meta['answers'], domains: arithmetic
+# '37+85=' -> '122'): a fixed set of val prompts per domain, answered greedily at each eval
+answer_sets = {}
+if meta and meta.get('answers') and label_names is not None and class_of_token is None and eval_answers > 0:
+    val_tokens = torch.from_numpy(np.fromfile(os.path.join(data_dir, 'val.bin'), dtype=np.uint16).astype(np.int64))
+    val_domains = torch.from_numpy(np.fromfile(os.path.join(data_dir, 'val_domain.bin'), dtype=np.uint8))
+    for name, marker in meta['answers'].items():
+        prompts, answers = answer_prompts(val_tokens, val_domains, label_names.index(name),
+                                          [meta['stoi'][ch] for ch in marker], meta['stoi']['\n'], eval_answers,
+                                          block_size // 2)
+        if answers:
+            answer_sets[name] = (prompts, answers)
+    val_tokens = val_domains = None
 
 
 # Batches are drawn from generators seeded per iteration (checkpoint.seed_for), never from
@@ -453,6 +469,20 @@ def estimate_loss():
     return out, stats
 
 
+@torch.no_grad()
+def answer_accuracy():
+    """{domain: exact-match accuracy} of the greedy answers to answer_sets' prompts, decoded
+    in one batch per domain (on the uncompiled model: every step has another length)."""
+    accuracy = {}
+    raw_model.eval()
+    for name, (prompts, answers) in answer_sets.items():
+        with ctx:  # top_tokens=1: the most likely token at every step, greedy decoding
+            out = raw_model.generate(prompts.to(device), max(map(len, answers)) + 1, top_tokens=1)
+        accuracy[name] = exact_match(out[:, prompts.size(1):].tolist(), answers, meta['stoi']['\n'])
+    raw_model.train()
+    return accuracy
+
+
 def get_lr(it):
     # linear warmup, cosine decay to min_lr, then min_lr
     if it < warmup_iters:
@@ -520,12 +550,17 @@ while True:
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process and iter_num != evaluated_at:
         eval_generator.manual_seed(seed_for(seed, iter_num, EVAL))  # the eval batches of this iteration
         losses, val_stats = estimate_loss()
+        accuracy = answer_accuracy()
         layers = val_stats.summary(tables=True)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if accuracy:
+            print(f"exact-match answers ({eval_answers} val prompts each, greedy): "
+                  + ', '.join(f"{name} {value:.1%}" for name, value in accuracy.items()))
         if layers:
             print(format_routing_table(layers))
         log_json({'iter': iter_num, 'split': 'val', 'loss': losses['val'], 'train_loss': losses['train'],
-                  'lr': lr, 'losses': val_stats.loss_summary(), 'layers': layers, 'label_names': label_names})
+                  'lr': lr, 'losses': val_stats.loss_summary(), 'layers': layers, 'label_names': label_names,
+                  'answer_accuracy': accuracy})
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
         if not math.isfinite(losses['val']):
