@@ -230,7 +230,7 @@ if meta and meta.get('answers') and label_names is not None and class_of_token i
     for name, marker in meta['answers'].items():
         prompts, answers = answer_prompts(val_tokens, val_domains, label_names.index(name),
                                           [meta['stoi'][ch] for ch in marker], meta['stoi']['\n'], eval_answers,
-                                          block_size // 2)
+                                          max(1, block_size // 2))
         if answers:
             answer_sets[name] = (prompts, answers)
     val_tokens = val_domains = None
@@ -554,8 +554,8 @@ while True:
         layers = val_stats.summary(tables=True)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if accuracy:
-            print(f"exact-match answers ({eval_answers} val prompts each, greedy): "
-                  + ', '.join(f"{name} {value:.1%}" for name, value in accuracy.items()))
+            print("exact-match answers (greedy, val): " + ', '.join(
+                f"{name} {value:.1%} of {len(answer_sets[name][1])}" for name, value in accuracy.items()))
         if layers:
             print(format_routing_table(layers))
         log_json({'iter': iter_num, 'split': 'val', 'loss': losses['val'], 'train_loss': losses['train'],
