@@ -358,3 +358,25 @@ def test_train_py_starts_from_a_gpt2_folder(runner, hf_gpt2, tmp_path):
                          '--block_size=16', '--n_exp=4'])
     assert_one_line_error(result, "has biases (bias=True, as GPT-2): upcycling it would need biases in the experts")
     assert not (tmp_path / 'moe').exists()
+
+
+def test_answer_accuracy_in_train_py_by_hand(runner, tmp_path):
+    """A model trained on two lines over and over, '123+456=579' and 'max 7 8 9 -> 9',
+    answers both; the val split asks the same arithmetic (right: 100%) but claims the max
+    is 7 (so the model's answer 9 is wrong: 0%). The prompts, block_size // 2 = 8 tokens,
+    '123+456=' and ' 8 9 -> ', lie inside their lines, which the model has seen."""
+    prepare = load_domains_prepare()
+    stoi = {ch: i for i, ch in enumerate(prepare.CHARS)}
+    for split, lists_line in (('train', 'max 7 8 9 -> 9\n'), ('val', 'max 7 8 9 -> 7\n')):
+        docs = [('123+456=579\n', 0), (lists_line, 1)] * (200 if split == 'train' else 20)
+        np.array([stoi[ch] for doc, _ in docs for ch in doc], dtype=np.uint16).tofile(tmp_path / f'{split}.bin')
+        np.array([label for doc, label in docs for _ in doc], dtype=np.uint8).tofile(tmp_path / f'{split}_domain.bin')
+    with open(tmp_path / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': len(prepare.CHARS), 'stoi': stoi, 'itos': dict(enumerate(prepare.CHARS)),
+                     'domains': [name for name, _, _ in prepare.DOMAINS], 'answers': prepare.ANSWERS}, f)
+    out_dir = tmp_path / 'out'
+    result = runner.run([*TINY, f'--data_dir={tmp_path}', f'--out_dir={out_dir}', '--n_exp=1', '--max_iters=80',
+                         '--eval_interval=80', '--learning_rate=1e-2', '--eval_answers=5', '--batch_size=8'])
+    assert result.returncode == 0, result.stderr
+    assert records(out_dir)[-1]['answer_accuracy'] == {'arithmetic': 1.0, 'lists': 0.0}
+    assert 'exact-match answers (greedy, val): arithmetic 100.0% of 5, lists 0.0% of 5' in result.stdout
