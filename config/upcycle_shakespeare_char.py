@@ -6,6 +6,9 @@
 # Then:   python train.py config/upcycle_shakespeare_char.py
 # Its first eval is the dense model's val loss (top-2, renormalized, no capacity: identical
 # experts whose weights sum to 1); compare the curve with the dense run trained on.
+# A few minutes each on a 2-core CPU: a step of the upcycled model costs about 2.3x, and
+# one of the dense twin 1.4x, a step of the default `python train.py` (600 steps, ~2 min),
+# timed side by side in one process on a machine shared with other jobs.
 import os
 
 exec(open(os.path.join(os.path.dirname(__file__), 'train_shakespeare_char_moe.py')).read())
