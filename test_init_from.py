@@ -227,6 +227,10 @@ def test_refusals_that_name_the_source(runner, tiny_data, domains_data, dense_ru
     assert_one_line_error(result, f"out_dir={dense_run} holds the weights this run starts from", "another --out_dir")
     result = runner.run([*TINY, f'--data_dir={tiny_data}', f'--init_from={tmp_path}/nothing'])
     assert_one_line_error(result, "must be 'scratch', 'resume', 'gpt2'", "does not exist")
+    # a narrow dataset not made yet: the error says how to make one
+    result = runner.run([*TINY, '--dataset=domains_poetry', f'--init_from={dense_run}', f'--out_dir={tmp_path}/c'])
+    assert_one_line_error(result, "no data/domains_poetry/prepare.py makes it",
+                          "python data/domains/prepare.py --only=NAMES --out_dir=data/domains_poetry")
     # an MoE source keeps its experts: another n_exp cannot use them
     moe_dir = str(tmp_path / 'moe')
     result = runner.run([*TINY, f'--data_dir={tiny_data}', f'--out_dir={moe_dir}', '--n_exp=4', '--max_iters=1',

@@ -191,8 +191,12 @@ if not os.path.exists(os.path.join(data_dir, 'meta.pkl')) and not os.path.exists
             torch.distributed.barrier()
     else:
         custom_dir = data_dir != os.path.join(repo_dir, 'data', dataset)
-        fail(f"dataset {dataset!r} not found: {os.path.join(data_dir, 'train.bin')} is missing; "
-             f"run: python data/{dataset}/prepare.py" + (f" --out_dir={data_dir}" if custom_dir else ''))
+        if os.path.exists(os.path.join(repo_dir, 'data', dataset, 'prepare.py')):
+            hint = f"run: python data/{dataset}/prepare.py" + (f" --out_dir={data_dir}" if custom_dir else '')
+        else:  # a folder without a script, e.g. a narrow dataset that data/domains/prepare.py --only writes
+            hint = (f"no data/{dataset}/prepare.py makes it (one or a few domains: python data/domains/prepare.py "
+                    f"--only=NAMES --out_dir={os.path.relpath(data_dir)})")
+        fail(f"dataset {dataset!r} not found: {os.path.join(data_dir, 'train.bin')} is missing; {hint}")
 try:
     meta = load_meta(data_dir)
 except ValueError as e:
