@@ -238,6 +238,9 @@ if meta and meta.get('answers') and label_names is not None and class_of_token i
         if answers:
             answer_sets[name] = (prompts, answers)
     val_tokens = val_domains = None
+elif meta and 'domains' in meta and 'answers' not in meta and eval_answers > 0 and master_process:
+    print(f"{os.path.join(data_dir, 'meta.pkl')} names no checkable answers (written before they were): run "
+          f"data/domains/prepare.py again for the exact-match answer accuracy")
 
 
 # Batches are drawn from generators seeded per iteration (checkpoint.seed_for), never from
