@@ -197,7 +197,8 @@ def download_gpt2(name):
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise CheckpointError(f"init_from={name!r} needs the Hugging Face libraries: pip install transformers") from None
+        raise CheckpointError(f"init_from={name!r} needs the Hugging Face libraries: "
+                              f"pip install transformers") from None
     try:
         return snapshot_download(f'openai-community/{name}', allow_patterns=['config.json', 'model.safetensors'])
     except Exception as e:  # no network, no such repository, a full disk: huggingface_hub has many errors

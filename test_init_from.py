@@ -27,7 +27,8 @@ def records(out_dir):
 
 
 def load_domains_prepare():
-    spec = importlib.util.spec_from_file_location('prepare_domains', os.path.join(REPO, 'data', 'domains', 'prepare.py'))
+    path = os.path.join(REPO, 'data', 'domains', 'prepare.py')
+    spec = importlib.util.spec_from_file_location('prepare_domains', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -65,7 +65,8 @@ eval_interval = 150
 log_interval = 25
 eval_iters = 20
 eval_only = False  # if True, evaluate once and exit
-eval_answers = 32  # per domain with checkable answers (domains: arithmetic, lists), greedy answers scored at eval; 0 = off
+eval_answers = 32  # val questions per domain with checkable answers (domains: arithmetic, lists), answered
+# greedily at each eval and scored by exact match; 0 = off
 always_save_checkpoint = False  # if False, save only when val loss improves
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or a new run from trained weights: a
 # checkpoint (ckpt.pt or its folder; a dense one with n_exp > 1 is upcycled), a Hugging Face GPT-2 folder, or

@@ -1,6 +1,6 @@
 # nanoGPT's fine-tuning recipe: OpenAI's GPT-2 (124M) on tiny Shakespeare in GPT-2's BPE.
-# For a GPU: not run by the project (it downloads GPT-2 through transformers, and on a
-# CPU a step of a 124M model with these batches takes minutes).
+# For a GPU; not run by the project (it downloads GPT-2 from the Hugging Face hub, and
+# its 124M parameters at a context of 1024 are not a job for the 2-core CPU).
 # First:  pip install transformers; python data/shakespeare/prepare.py
 # Then:   python train.py config/finetune_shakespeare.py
 # GPT-2 loads dense (n_exp = 1): it has biases, and the experts have none, so it cannot be
@@ -15,8 +15,7 @@ eval_interval = 5
 eval_iters = 40
 always_save_checkpoint = False  # save only when val improves
 
-# 32 * 1024 = 32,768 tokens per iteration (nanoGPT: 1 * 32 * 1024); tiny Shakespeare is
-# ~300k tokens, so an iteration is ~1/9 epoch
+# 8 * 4 * 1024 = 32,768 tokens per iteration, as nanoGPT's 1 * 32 * 1024
 block_size = 1024
 batch_size = 8
 gradient_accumulation_steps = 4

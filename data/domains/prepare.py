@@ -28,7 +28,7 @@ meta['answers'] names the domains whose lines have a checkable answer, and the t
 after which it starts (arithmetic: '37+85=' then '122'): train.py measures the
 exact-match accuracy of greedy answers on the val split of these domains.
 
-The output depends only on (n_chars, seed, val_fraction): it is byte-identical across
+The output depends only on (n_chars, seed, val_fraction, only): it is byte-identical across
 runs, because all randomness comes from one random.Random(seed), never the global one.
 """
 import argparse
@@ -220,7 +220,7 @@ def generate(n_chars, seed, progress=True, only=None):
     only: the domains to draw from (see pick_domains), with their usual relative weights."""
     rng = random.Random(seed)
     ids = pick_domains(only)
-    generators = [DOMAINS[d][1] for d in range(len(DOMAINS))]
+    generators = [g for _, g, _ in DOMAINS]
     weights = [DOMAINS[d][2] for d in ids]
     docs, labels, total = [], [], 0
     with tqdm(total=n_chars, unit="char", unit_scale=True, disable=not progress, desc="generating") as bar:
