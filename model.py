@@ -348,7 +348,7 @@ class GPT(nn.Module):
 
 
 def upcycle_state_dict(dense_state, config, noise=0.0, drop_ratio=0.0, generator=None):
-    """Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055, sec. 3.1): the state dict
+    """Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): the state dict
     of a dense model, turned into one for the MoE model described by config (a GPTConfig
     with n_exp > 1). In every MoE layer each of the E experts starts as a copy of that
     layer's MLP (so expert_hidden must be the MLP's width); everything else is copied as is.
@@ -358,11 +358,11 @@ def upcycle_state_dict(dense_state, config, noise=0.0, drop_ratio=0.0, generator
     token's weights sum to 1 and no assignment is dropped (top-k with renormalize=True,
     no capacity_factor): at its first step the upcycled model is the dense one.
     noise > 0 adds to each copy Gaussian noise of std noise * std(W), W the copied matrix,
-    so the experts are not exactly alike. drop_ratio > 0 is Drop-Upcycling (Nakamura et
-    al. 2025, arXiv 2502.19261, sec. 3.2): in each expert a random drop_ratio of the hidden
-    units (columns of W_fc, the same rows of W_proj) is re-initialised from N(mean(W),
-    std(W)^2) of the matrix it belongs to; the paper's choice is 0.5. Either one makes the
-    first step differ from the dense model. The MLP must have no biases (the experts have
+    so the experts are not exactly alike. drop_ratio > 0 is Drop-Upcycling's "diversity
+    re-initialization" (Nakamura et al. 2025, arXiv 2502.19261, sec. 3): in each expert a
+    random drop_ratio of the hidden units (columns of W_fc, the same rows of W_proj) is
+    re-initialised from N(mean(W), std(W)^2) of the matrix it belongs to; the paper's
+    choice is 0.5. Either one makes the first step differ from the dense model. The MLP must have no biases (the experts have
     none): upcycling a bias=True model is a ValueError."""
     if config.bias:
         raise ValueError("upcycling a model with biases (bias=True, e.g. GPT-2) would need biases in the experts, "
