@@ -9,6 +9,10 @@ load_checkpoint    torch.load(weights_only=True): tensors and plain values load,
                    that would need code is refused; every problem is a CheckpointError
                    with a one-line message naming the file
 load_model_state   load_state_dict, with a one-line error when the shapes do not fit
+load_pretrained    the weights a new run starts from (train.py's init_from=PATH or 'gpt2'):
+                   a checkpoint of this project, or a Hugging Face GPT-2 folder, read with
+                   safetensors (or weights_only), never plain pickle
+load_start_weights load_state_dict for a new run: the routers may differ from the source's
 rng_state          the torch, CUDA, numpy and Python generators, as tensors and numbers
 seed_for           the seeds of one iteration: train.py draws each step's batch and
                    reseeds the noise (dropout, router jitter and noise) from (seed,
@@ -140,6 +144,105 @@ def load_model_state(model, state_dict, path):
         first = problems[0] if len(problems[0]) <= 200 else problems[0][:200] + '...'
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ''
         raise CheckpointError(f"checkpoint {path} does not fit the model it describes: {first}{more}") from None
+
+
+# -----------------------------------------------------------------------------
+# starting a new run from trained weights
+
+GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # OpenAI's GPT-2 sizes on the Hugging Face hub
+
+
+def is_hf_folder(path):
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, 'config.json'))
+
+
+def load_hf_folder(folder):
+    """(config dict, {name: tensor}) of a Hugging Face model folder (what save_pretrained
+    writes): config.json, and model.safetensors (or its shards) read with safetensors,
+    which runs no code; a folder with only pytorch_model.bin is read with weights_only."""
+    import json
+    config_path = os.path.join(folder, 'config.json')
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{config_path} cannot be read: {_first_line(e)}") from None
+    index = os.path.join(folder, 'model.safetensors.index.json')
+    files = ['model.safetensors']
+    if not os.path.exists(os.path.join(folder, 'model.safetensors')) and os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)['weight_map'].values()))
+    if os.path.exists(os.path.join(folder, files[0])):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError(f"{folder} holds safetensors weights: pip install safetensors "
+                                  f"(it comes with transformers)") from None
+        state = {}
+        for name in files:
+            try:
+                state.update(load_file(os.path.join(folder, name)))
+            except Exception as e:  # safetensors raises its own error types for damaged files
+                raise CheckpointError(f"{os.path.join(folder, name)} cannot be read: {_first_line(e)}") from None
+        return config, state
+    bin_path = os.path.join(folder, 'pytorch_model.bin')
+    if not os.path.exists(bin_path):
+        raise CheckpointError(f"{folder} has a config.json but no model.safetensors or pytorch_model.bin")
+    return config, load_checkpoint(bin_path, required=())
+
+
+def download_gpt2(name):
+    """The local folder of OpenAI's GPT-2 `name` (GPT2_NAMES) from the Hugging Face hub,
+    downloaded on first use (huggingface_hub's cache), config and safetensors weights only."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise CheckpointError(f"init_from={name!r} needs the Hugging Face libraries: "
+                              f"pip install transformers") from None
+    try:
+        return snapshot_download(f'openai-community/{name}', allow_patterns=['config.json', 'model.safetensors'])
+    except Exception as e:  # no network, no such repository, a full disk: huggingface_hub has many errors
+        raise CheckpointError(f"GPT-2 {name!r} could not be downloaded from the Hugging Face hub "
+                              f"({_first_line(e)})") from None
+
+
+def load_pretrained(init_from, map_location='cpu'):
+    """(source, model_args, state_dict) for init_from: a checkpoint of this project (its
+    ckpt.pt, or the folder holding one), a Hugging Face GPT-2 folder (config.json), or one
+    of GPT2_NAMES. source names the file or folder the weights came from. Raises
+    CheckpointError (one line)."""
+    from model import gpt2_state_dict  # model.py imports nothing from here: no cycle
+    if init_from in GPT2_NAMES or is_hf_folder(init_from):
+        folder = download_gpt2(init_from) if init_from in GPT2_NAMES else init_from
+        try:
+            model_args, state = gpt2_state_dict(*load_hf_folder(folder))
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"{folder}: {e}") from None
+        return folder, model_args, state
+    path = os.path.join(init_from, 'ckpt.pt') if os.path.isdir(init_from) else init_from
+    if not os.path.exists(path):
+        raise CheckpointError(f"init_from={init_from!r}: {path} does not exist (a ckpt.pt, the folder holding one, "
+                              f"or a Hugging Face GPT-2 folder with a config.json)")
+    checkpoint = load_checkpoint(path, map_location)
+    return path, checkpoint['model_args'], checkpoint['model']
+
+
+def load_start_weights(model, state_dict, source):
+    """Load the weights a new run starts from: like load_model_state, except that the
+    routers may differ from the source's (another router, or none in a dense source
+    being upcycled). Router tensors that the model has and the source lacks, or holds
+    with another shape, keep their fresh initialisation; the source's other router tensors
+    are dropped; and the routers' per-run state (GatePro's step count) starts again at 0.
+    Returns the names of the router tensors that stayed fresh."""
+    own = model.state_dict()
+    is_router = lambda name: '.ffn.router.' in name
+    state = {name: tensor for name, tensor in state_dict.items()
+             if not is_router(name) or (name in own and not name.endswith('_extra_state')
+                                        and own[name].shape == tensor.shape)}
+    fresh = [name for name in own if is_router(name) and name not in state]
+    state.update({name: own[name] for name in fresh})
+    load_model_state(model, state, source)
+    return fresh
 
 
 # -----------------------------------------------------------------------------

@@ -276,3 +276,41 @@ def format_routing_table(rows):
                      f"{row['zero_token_experts']:10d} | {row['max_vio']:7.3f} | "
                      f"{row.get('router_entropy', float('nan')):7.3f} | {row['dropped_frac']:7.3f}")
     return '\n'.join(lines)
+
+
+# -----------------------------------------------------------------------------
+# Task accuracy: whether the model's answer is right, not only how likely the text is
+
+
+def answer_prompts(tokens, domain_ids, domain, marker, newline, n, context):
+    """Prompts whose right answer is known, from a labelled token stream (data/domains:
+    arithmetic '37+85=' -> '122'). A match is a place where the token ids `marker` occur in
+    a document of domain `domain`; its answer is every token after the marker up to the
+    next `newline` (the datasets' answers never contain their marker), and its prompt the
+    `context` tokens that end with the marker. n matches, spread evenly over the stream,
+    so every evaluation asks the same questions.
+    tokens, domain_ids: 1-D integer tensors of equal length; marker: a list of token ids.
+    Returns (prompts [m, context] long tensor, answers: m lists of token ids), m <= n."""
+    tokens, domain_ids = torch.as_tensor(tokens).long(), torch.as_tensor(domain_ids)
+    width = len(tokens) - len(marker) + 1
+    found = domain_ids[:width] == domain
+    for j, token in enumerate(marker):
+        found &= tokens[j:j + width] == token
+    starts = torch.nonzero(found).flatten() + len(marker)  # where each answer starts
+    newlines = torch.nonzero(tokens == newline).flatten()
+    ends = torch.searchsorted(newlines, starts)  # index of the newline that ends each answer
+    keep = (starts >= context) & (ends < len(newlines))
+    starts, ends = starts[keep], newlines[ends[keep]]
+    if len(starts) > n:
+        pick = torch.linspace(0, len(starts) - 1, n).round().long().unique()
+        starts, ends = starts[pick], ends[pick]
+    prompts = torch.stack([tokens[s - context:s] for s in starts]) if len(starts) else torch.zeros(0, context).long()
+    return prompts, [tokens[s:e].tolist() for s, e in zip(starts, ends)]
+
+
+def exact_match(generated, answers, stop):
+    """Exact-match accuracy: the fraction of the rows whose generated token ids begin with
+    the answer and then `stop` (the newline), so a right answer must also end where it should.
+    generated: per row the ids produced after the prompt; answers: per row the right ids."""
+    right = [list(row[:len(answer) + 1]) == list(answer) + [stop] for row, answer in zip(generated, answers)]
+    return sum(right) / len(right) if right else 0.0

@@ -66,9 +66,10 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.gelu_approximate = config.gelu_approximate
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu_approximate)))
 
 
 class Experts(nn.Module):
@@ -177,6 +178,7 @@ class GPTConfig(RouterConfig):
     expert_hidden: int = 0  # per-expert hidden width; 0 = 4*n_embd/(experts per token + n_shared_exp), the dense MLP's active compute
     n_shared_exp: int = 0  # always-on shared experts (DeepSeekMoE)
     expert_impl: str = 'auto'  # 'plain' (the readable loop in Experts), or fast_experts.py's 'loop', 'grouped', 'auto'
+    gelu_approximate: str = 'none'  # the dense MLP's GELU: 'none' = exact, 'tanh' = GPT-2's approximation (its weights)
 
     def __post_init__(self):
         # every problem here is a user's setting: say which, and what would work
@@ -186,6 +188,11 @@ class GPTConfig(RouterConfig):
             raise ValueError(f"moe_every={self.moe_every} must be >= 1")
         if self.expert_impl not in ('auto', 'plain', 'loop', 'grouped'):
             raise ValueError(f"expert_impl={self.expert_impl!r} must be 'auto', 'plain', 'loop' or 'grouped'")
+        if self.gelu_approximate not in ('none', 'tanh'):
+            raise ValueError(f"gelu_approximate={self.gelu_approximate!r} must be 'none' (exact) or 'tanh'")
+        if self.gelu_approximate == 'tanh' and self.n_exp > 1:
+            raise ValueError("gelu_approximate='tanh' is for dense MLPs (GPT-2's weights): the experts compute the "
+                             "exact GELU; use gelu_approximate='none' with n_exp > 1")
         super().__post_init__()  # the router's settings: what it fixes, its defaults, their checks
         if self.use_moe and self.expert_hidden <= 0:
             self.expert_hidden = max(1, int(4 * self.n_embd / (self.experts_per_token + self.n_shared_exp)))
@@ -340,3 +347,99 @@ class GPT(nn.Module):
             idx_next = torch.multinomial(probs, num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return (idx, experts) if return_experts else idx
+
+
+# -----------------------------------------------------------------------------
+# Starting from trained weights: sparse upcycling, GPT-2 (train.py's init_from)
+
+
+def upcycle_state_dict(dense_state, config, noise=0.0, drop_ratio=0.0, generator=None):
+    """Sparse upcycling (Komatsuzaki et al. 2022, arXiv 2212.05055): the state dict
+    of a dense model, turned into one for the MoE model described by config (a GPTConfig
+    with n_exp > 1). In every MoE layer each of the E experts starts as a copy of that
+    layer's MLP (so expert_hidden must be the MLP's width); everything else is copied as is.
+    The routers are not in the result: the model keeps its fresh, random gates.
+
+    With identical experts the layer computes sum_k w_k MLP(x) = MLP(x) whenever each
+    token's weights sum to 1 and no assignment is dropped (top-k with renormalize=True,
+    no capacity_factor): at its first step the upcycled model is the dense one.
+    noise > 0 adds to each copy Gaussian noise of std noise * std(W), W the copied matrix,
+    so the experts are not exactly alike. drop_ratio > 0 is Drop-Upcycling's "diversity
+    re-initialization" (Nakamura et al. 2025, arXiv 2502.19261, sec. 3): in each expert a
+    random drop_ratio of the hidden units (columns of W_fc, the same rows of W_proj) is
+    re-initialised from N(mean(W), std(W)^2) of the matrix it belongs to; the paper's
+    choice is 0.5. Either one makes the first step differ from the dense model. The MLP must have no biases (the experts have
+    none): upcycling a bias=True model is a ValueError."""
+    if config.bias:
+        raise ValueError("upcycling a model with biases (bias=True, e.g. GPT-2) would need biases in the experts, "
+                         "which have none; upcycle a bias=False model, or fine-tune this one dense (n_exp=1)")
+    if config.n_shared_exp:
+        raise ValueError(f"n_shared_exp={config.n_shared_exp}: upcycling copies the MLP into every routed expert, "
+                         f"and a shared expert would add it a second time; use n_shared_exp=0")
+    state = dict(dense_state)
+    for layer in range(config.n_layer):
+        if not config.is_moe_layer(layer):
+            continue
+        prefix = f'transformer.h.{layer}.ffn.'
+        w_fc = state.pop(prefix + 'c_fc.weight').t()  # nn.Linear stores [h, d]; the experts [d, h]
+        w_proj = state.pop(prefix + 'c_proj.weight').t()
+        if w_fc.size(1) != config.expert_hidden:
+            raise ValueError(f"upcycling copies layer {layer}'s MLP of width {w_fc.size(1)} into each expert: "
+                             f"expert_hidden must be {w_fc.size(1)}, got expert_hidden={config.expert_hidden}")
+        experts_fc = w_fc.unsqueeze(0).repeat(config.n_exp, 1, 1)
+        experts_proj = w_proj.unsqueeze(0).repeat(config.n_exp, 1, 1)
+        if noise > 0:
+            experts_fc += noise * w_fc.std() * torch.randn(experts_fc.shape, generator=generator).to(w_fc)
+            experts_proj += noise * w_proj.std() * torch.randn(experts_proj.shape, generator=generator).to(w_proj)
+        if drop_ratio > 0:
+            hidden = w_fc.size(1)
+            for e in range(config.n_exp):
+                units = torch.randperm(hidden, generator=generator)[:int(drop_ratio * hidden)].to(w_fc.device)
+                fresh_fc = torch.randn(w_fc.size(0), len(units), generator=generator).to(w_fc)
+                fresh_proj = torch.randn(len(units), w_proj.size(1), generator=generator).to(w_proj)
+                experts_fc[e][:, units] = w_fc.mean() + w_fc.std() * fresh_fc
+                experts_proj[e][units] = w_proj.mean() + w_proj.std() * fresh_proj
+        state[prefix + 'experts.w_fc'] = experts_fc
+        state[prefix + 'experts.w_proj'] = experts_proj
+    return state
+
+
+GPT2_GELU = {'gelu_new': 'tanh', 'gelu_pytorch_tanh': 'tanh', 'gelu': 'none'}  # transformers' names -> F.gelu's
+
+
+def gpt2_state_dict(hf_config, hf_state):
+    """(model_args, state_dict) of this GPT for the weights of a Hugging Face GPT-2
+    (transformers' GPT2LMHeadModel or GPT2Model): hf_config is its config.json as a dict,
+    hf_state its tensors by name. The architectures are the same (pre-LayerNorm blocks,
+    learned positions, tied embeddings, biases); GPT-2's Conv1D layers store their weights
+    as [in, out], transposed against nn.Linear, and its MLP is called mlp here ffn.
+    The MLP's GELU is the tanh approximation GPT-2 was trained with ("gelu_new"), so the
+    logits are GPT-2's. A GPT-2 variant this model cannot compute is a ValueError."""
+    get = hf_config.get
+    n_embd = get('n_embd')
+    problems = [
+        (get('model_type') != 'gpt2', f"model_type={get('model_type')!r}, not 'gpt2'"),
+        (get('activation_function') not in GPT2_GELU, f"activation_function={get('activation_function')!r}"),
+        (get('n_inner') not in (None, 4 * (n_embd or 0)), f"n_inner={get('n_inner')} (the MLP here is 4*n_embd)"),
+        (get('layer_norm_epsilon', 1e-5) != 1e-5, f"layer_norm_epsilon={get('layer_norm_epsilon')} (here 1e-5)"),
+        (not get('scale_attn_weights', True), "scale_attn_weights=False"),
+        (get('scale_attn_by_inverse_layer_idx', False), "scale_attn_by_inverse_layer_idx=True"),
+        (not get('tie_word_embeddings', True), "tie_word_embeddings=False (here the lm_head is the embedding)"),
+    ]
+    for bad, what in problems:
+        if bad:
+            raise ValueError(f"this GPT-2 cannot be loaded: {what}")
+    model_args = dict(n_layer=get('n_layer'), n_head=get('n_head'), n_embd=n_embd, block_size=get('n_positions'),
+                      vocab_size=get('vocab_size'), bias=True, n_exp=1,
+                      gelu_approximate=GPT2_GELU[get('activation_function')])
+    conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+    state = {}
+    for name, tensor in hf_state.items():
+        name = name.removeprefix('transformer.')  # GPT2Model's files have no prefix, GPT2LMHeadModel's have it
+        if name.endswith(('.attn.bias', '.attn.masked_bias')) or name == 'lm_head.weight':
+            continue  # the causal mask (a buffer in old files), and the lm_head, tied to wte
+        if name.endswith(conv1d):
+            tensor = tensor.t()
+        state['transformer.' + name.replace('.mlp.', '.ffn.')] = tensor
+    state['lm_head.weight'] = state['transformer.wte.weight']
+    return model_args, state

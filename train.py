@@ -32,13 +32,16 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (DATA, EVAL, NOISE, CheckpointError, Interrupt, load_checkpoint, load_model_state,
-                        nonfinite_report, rng_state, save_checkpoint, seed_for, set_rng_state)
+from checkpoint import (DATA, EVAL, GPT2_NAMES, NOISE, CheckpointError, Interrupt, load_checkpoint, load_model_state,
+                        load_pretrained, load_start_weights, nonfinite_report, rng_state, save_checkpoint, seed_for,
+                        set_rng_state)
 from configurator import ConfigError, apply_overrides
 from ddp import all_reduce_stats, replicas_differ
 from fast_experts import describe_impl
-from metrics import CHARACTER_CLASSES, RoutingStats, character_class, format_routing_table
-from model import GPT, GPTConfig
+from metrics import (CHARACTER_CLASSES, RoutingStats, answer_prompts, character_class, exact_match,
+                     format_routing_table)
+from model import GPT, GPTConfig, upcycle_state_dict
+from routers import RouterConfig
 from system import (PTDTYPES, autocast_context, check_tokens, device_type_of, keep_freed_memory_on_cpu, load_meta,
                     peak_flops, pick_device, pick_dtype)
 
@@ -63,8 +66,14 @@ eval_interval = 150
 log_interval = 25
 eval_iters = 20
 eval_only = False  # if True, evaluate once and exit
+eval_answers = 32  # val questions per domain with checkable answers (domains: arithmetic, lists), answered
+# greedily at each eval and scored by exact match; 0 = off
 always_save_checkpoint = False  # if False, save only when val loss improves
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or a new run from trained weights: a
+# checkpoint (ckpt.pt or its folder; a dense one with n_exp > 1 is upcycled), a Hugging Face GPT-2 folder, or
+# 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (downloaded; pip install transformers)
+upcycle_noise = 0.0  # upcycling: Gaussian noise on each expert's copy of the MLP, times the std of the weights
+upcycle_drop_ratio = 0.0  # upcycling: Drop-Upcycling's share of hidden units re-initialised per expert (paper: 0.5)
 save_on_interrupt = True  # Ctrl-C saves a checkpoint at the end of the step and exits (a second Ctrl-C: at once)
 skip_nonfinite = False  # a non-finite loss: False = stop (the last checkpoint is kept), True = skip that step
 # wandb logging (imported only when enabled)
@@ -120,8 +129,12 @@ globals().update(overrides)
 config = {k: globals()[k] for k in config_keys}  # logged and checkpointed
 # -----------------------------------------------------------------------------
 # check the settings before anything is written
-if init_from not in ('scratch', 'resume'):
-    fail(f"init_from={init_from!r} must be 'scratch' or 'resume'")
+pretrained = init_from not in ('scratch', 'resume')  # a new run from trained weights
+if pretrained and init_from not in GPT2_NAMES and not os.path.exists(init_from):
+    fail(f"init_from={init_from!r} must be 'scratch', 'resume', {', '.join(map(repr, GPT2_NAMES))}, or the path "
+         f"of a checkpoint (ckpt.pt or its folder) or of a Hugging Face GPT-2 folder; {init_from} does not exist")
+if upcycle_noise < 0 or not 0 <= upcycle_drop_ratio <= 1:
+    fail(f"upcycle_noise={upcycle_noise} must be >= 0 and upcycle_drop_ratio={upcycle_drop_ratio} between 0 and 1")
 for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_iters', 'log_interval', 'eval_interval'):
     if config[key] < 1:
         fail(f"{key}={config[key]} must be >= 1")
@@ -180,8 +193,12 @@ if not os.path.exists(os.path.join(data_dir, 'meta.pkl')) and not os.path.exists
             torch.distributed.barrier()
     else:
         custom_dir = data_dir != os.path.join(repo_dir, 'data', dataset)
-        fail(f"dataset {dataset!r} not found: {os.path.join(data_dir, 'train.bin')} is missing; "
-             f"run: python data/{dataset}/prepare.py" + (f" --out_dir={data_dir}" if custom_dir else ''))
+        if os.path.exists(os.path.join(repo_dir, 'data', dataset, 'prepare.py')):
+            hint = f"run: python data/{dataset}/prepare.py" + (f" --out_dir={data_dir}" if custom_dir else '')
+        else:  # a folder without a script, e.g. a narrow dataset that data/domains/prepare.py --only writes
+            hint = (f"no data/{dataset}/prepare.py makes it (one or a few domains: python data/domains/prepare.py "
+                    f"--only=NAMES --out_dir={os.path.relpath(data_dir)})")
+        fail(f"dataset {dataset!r} not found: {os.path.join(data_dir, 'train.bin')} is missing; {hint}")
 try:
     meta = load_meta(data_dir)
 except ValueError as e:
@@ -209,6 +226,23 @@ if meta and 'domains' in meta and os.path.exists(os.path.join(data_dir, 'val_dom
 elif meta and 'itos' in meta:
     label_names = CHARACTER_CLASSES
     class_of_token = torch.tensor([character_class(meta['itos'][i]) for i in range(meta['vocab_size'])])
+
+# a task metric where the dataset has checkable answers (meta['answers'], domains: arithmetic
+# '37+85=' -> '122'): a fixed set of val prompts per domain, answered greedily at each eval
+answer_sets = {}
+if meta and meta.get('answers') and label_names is not None and class_of_token is None and eval_answers > 0:
+    val_tokens = torch.from_numpy(np.fromfile(os.path.join(data_dir, 'val.bin'), dtype=np.uint16).astype(np.int64))
+    val_domains = torch.from_numpy(np.fromfile(os.path.join(data_dir, 'val_domain.bin'), dtype=np.uint8))
+    for name, marker in meta['answers'].items():
+        prompts, answers = answer_prompts(val_tokens, val_domains, label_names.index(name),
+                                          [meta['stoi'][ch] for ch in marker], meta['stoi']['\n'], eval_answers,
+                                          max(1, block_size // 2))
+        if answers:
+            answer_sets[name] = (prompts, answers)
+    val_tokens = val_domains = None
+elif meta and 'domains' in meta and 'answers' not in meta and eval_answers > 0 and master_process:
+    print(f"{os.path.join(data_dir, 'meta.pkl')} names no checkable answers (written before they were): run "
+          f"data/domains/prepare.py again for the exact-match answer accuracy")
 
 
 # Batches are drawn from generators seeded per iteration (checkpoint.seed_for), never from
@@ -292,6 +326,64 @@ if init_from == 'resume':
     if checkpoint['model_args']['vocab_size'] != model_args['vocab_size']:
         fail(f"checkpoint {ckpt_path} has vocab_size={checkpoint['model_args']['vocab_size']} but dataset "
              f"{dataset!r} has vocab_size={model_args['vocab_size']}; resume with the dataset it was trained on")
+elif pretrained:
+    # a new run from trained weights: iteration 0, a fresh optimizer, its own out_dir and log;
+    # any dataset with the same vocabulary, and the router may differ
+    try:
+        source, source_args, source_state = load_pretrained(init_from, device)
+    except CheckpointError as e:
+        fail(e)
+    source_dir = source if os.path.isdir(source) else os.path.dirname(source)
+    if os.path.realpath(out_dir) == os.path.realpath(source_dir):
+        fail(f"out_dir={out_dir} holds the weights this run starts from, and a new run would overwrite them; "
+             f"set another --out_dir (or --init_from=resume to continue that run)")
+    missing = [k for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'n_exp')
+               if k not in source_args]
+    if missing:
+        fail(f"{source} is damaged: its model_args have no {', '.join(missing)}")
+    if meta and source_args['vocab_size'] != meta_vocab_size:
+        fail(f"{source} has vocab_size={source_args['vocab_size']} but dataset {dataset!r} has "
+             f"vocab_size={meta_vocab_size}; start from a model trained on the same vocabulary")
+    if not meta:  # no vocab_size to compare: the token ids must fit the source's vocabulary
+        for split in ('train', 'val'):
+            try:
+                check_tokens(os.path.join(data_dir, f'{split}.bin'), source_args['vocab_size'], f"that of {source}")
+            except ValueError as e:
+                fail(e)
+    model_args['vocab_size'] = source_args['vocab_size']
+    model_defaults = {f.name: f.default for f in fields(GPTConfig)}
+    for k in ('n_layer', 'n_head', 'n_embd', 'bias', 'gelu_approximate'):
+        value = source_args.get(k, model_defaults[k])
+        if k in user_keys and config[k] != value:
+            fail(f"{k}={config[k]} differs from {k}={value} of {source}: a run from trained weights keeps "
+                 f"their shape; drop --{k}")
+        model_args[k] = value
+    if block_size > source_args['block_size']:
+        fail(f"block_size={block_size} is longer than the {source_args['block_size']} positions of {source}; "
+             f"set --block_size={source_args['block_size']} or less")
+    # the MoE layout is the source's unless given; a dense source with n_exp > 1 is upcycled
+    for k in ('n_exp', 'moe_every', 'expert_hidden', 'n_shared_exp', 'router'):
+        if k not in user_keys and k in source_args:
+            model_args[k] = source_args[k]
+    upcycle = source_args['n_exp'] <= 1 and model_args['n_exp'] > 1
+    if upcycle and model_args['bias']:
+        fail(f"{source} has biases (bias=True, as GPT-2): upcycling it would need biases in the experts, which "
+             f"have none; fine-tune it dense (--n_exp=1)")
+    if upcycle and 'expert_hidden' not in user_keys:
+        model_args['expert_hidden'] = 4 * model_args['n_embd']  # the MLP's width: each expert is a copy
+    if (upcycle_noise or upcycle_drop_ratio) and not upcycle:
+        fail(f"upcycle_noise={upcycle_noise}, upcycle_drop_ratio={upcycle_drop_ratio} apply only when upcycling, "
+             f"and {source} is {'an MoE' if source_args['n_exp'] > 1 else 'dense'} with n_exp={source_args['n_exp']} "
+             f"while this run has n_exp={model_args['n_exp']}")
+    if source_args['n_exp'] > 1:
+        for k in ('n_exp', 'moe_every', 'expert_hidden', 'n_shared_exp'):
+            if model_args[k] != source_args.get(k):
+                fail(f"{k}={model_args[k]} differs from {k}={source_args.get(k)} of {source}, an MoE whose "
+                     f"experts keep their shapes; drop --{k}")
+        if model_args['router'] == source_args.get('router'):  # the same router: its settings too, unless given
+            for f in fields(RouterConfig):
+                if f.name not in user_keys and f.name in source_args:
+                    model_args[f.name] = source_args[f.name]
 try:
     gptconf = GPTConfig(**model_args)
 except ValueError as e:
@@ -308,6 +400,22 @@ if init_from == 'resume':
     if checkpoint.get('evaluated', True) and not eval_only:
         evaluated_at = iter_num  # saved right after this iteration's eval, which is in metrics.jsonl already
     print(f"resuming from {ckpt_path} at iter {iter_num}")
+if pretrained:
+    try:
+        if upcycle:  # Komatsuzaki et al. 2022: every expert a copy of its layer's MLP, a fresh gate (model.py)
+            source_state = upcycle_state_dict(source_state, gptconf, upcycle_noise, upcycle_drop_ratio,
+                                              torch.Generator().manual_seed(seed))
+        # a shorter block_size than the source's: keep its first position embeddings (nanoGPT's crop)
+        source_state['transformer.wpe.weight'] = source_state['transformer.wpe.weight'][:gptconf.block_size]
+        fresh = load_start_weights(model, source_state, source)
+    except KeyError as e:
+        fail(f"{source} is damaged: it has no {e}")
+    except ValueError as e:  # CheckpointError included
+        fail(e)
+    print(f"a new run from {source}" + (f": upcycled, every expert of MoE layers {[i for i, _ in model.moe_layers()]} "
+                                        f"is a copy of its MLP" if upcycle else '')
+          + (f"; {len(fresh)} router tensors start fresh" if fresh else ''))
+    source_state = None  # free memory
 model.to(device)
 
 scaler = torch.amp.GradScaler(device_type if device_type == 'cuda' else 'cpu', enabled=(dtype == 'float16'))
@@ -327,7 +435,7 @@ checkpoint = None  # free memory
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-    if init_from == 'scratch':
+    if init_from != 'resume':
         open(metrics_path, 'w').close()  # a new run starts a new log
     print(f"tokens per iteration: {tokens_per_iter:,}  device: {device}  dtype: {dtype}")
     print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, {model.get_num_active_params() / 1e6:.2f}M active per token")
@@ -376,6 +484,20 @@ def estimate_loss():
         out[split] = losses.mean().item()
     model.train()
     return out, stats
+
+
+@torch.no_grad()
+def answer_accuracy():
+    """{domain: exact-match accuracy} of the greedy answers to answer_sets' prompts, decoded
+    in one batch per domain (on the uncompiled model: every step has another length)."""
+    accuracy = {}
+    raw_model.eval()
+    for name, (prompts, answers) in answer_sets.items():
+        with ctx:  # top_tokens=1: the most likely token at every step, greedy decoding
+            out = raw_model.generate(prompts.to(device), max(map(len, answers)) + 1, top_tokens=1)
+        accuracy[name] = exact_match(out[:, prompts.size(1):].tolist(), answers, meta['stoi']['\n'])
+    raw_model.train()
+    return accuracy
 
 
 def get_lr(it):
@@ -445,12 +567,17 @@ while True:
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process and iter_num != evaluated_at:
         eval_generator.manual_seed(seed_for(seed, iter_num, EVAL))  # the eval batches of this iteration
         losses, val_stats = estimate_loss()
+        accuracy = answer_accuracy()
         layers = val_stats.summary(tables=True)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if accuracy:
+            print("exact-match answers (greedy, val): " + ', '.join(
+                f"{name} {value:.1%} of {len(answer_sets[name][1])}" for name, value in accuracy.items()))
         if layers:
             print(format_routing_table(layers))
         log_json({'iter': iter_num, 'split': 'val', 'loss': losses['val'], 'train_loss': losses['train'],
-                  'lr': lr, 'losses': val_stats.loss_summary(), 'layers': layers, 'label_names': label_names})
+                  'lr': lr, 'losses': val_stats.loss_summary(), 'layers': layers, 'label_names': label_names,
+                  'answer_accuracy': accuracy})
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
         if not math.isfinite(losses['val']):

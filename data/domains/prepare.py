@@ -17,11 +17,18 @@ train.py measure whether experts specialise by domain.
 Writes, into this folder by default:
     train.bin, val.bin                  uint16 token ids (nanoGPT format), 90/10 split
     train_domain.bin, val_domain.bin    uint8 domain id of each token, same length
-    meta.pkl                            vocab_size, stoi, itos, domains, seed
+    meta.pkl                            vocab_size, stoi, itos, domains, seed, answers, only
 
-    python data/domains/prepare.py [--out_dir DIR] [--n_chars N] [--seed S]
+    python data/domains/prepare.py [--out_dir DIR] [--n_chars N] [--seed S] [--only NAMES]
 
-The output depends only on (n_chars, seed, val_fraction): it is byte-identical across
+--only=arithmetic (or a comma list, --only=arithmetic,lists) writes a narrow dataset of
+those domains alone, for fine-tuning a model pretrained on all five: the vocabulary and
+the domain ids are those of the full dataset, so its checkpoints load as they are.
+meta['answers'] names the domains whose lines have a checkable answer, and the text
+after which it starts (arithmetic: '37+85=' then '122'): train.py measures the
+exact-match accuracy of greedy answers on the val split of these domains.
+
+The output depends only on (n_chars, seed, val_fraction, only): it is byte-identical across
 runs, because all randomness comes from one random.Random(seed), never the global one.
 """
 import argparse
@@ -188,16 +195,33 @@ def records(rng):
 # domain (arithmetic lines are ~10 characters, code blocks ~35), so no domain dominates
 DOMAINS = [("arithmetic", arithmetic, 4.0), ("lists", lists, 1.5), ("english", english, 0.55),
            ("code", code, 1.1), ("records", records, 0.65)]
+# domain -> the text after which its one correct answer follows, up to the end of the line
+ANSWERS = {"arithmetic": "=", "lists": " -> "}
 
 # ---------------------------------------------------------------------------
 
 
-def generate(n_chars, seed, progress=True):
-    """Documents and their domain ids until at least n_chars characters; deterministic in seed."""
+def pick_domains(only):
+    """The ids (in DOMAINS) of the domains named in only, a comma-separated string; None or
+    '' = all of them. An unknown name is a ValueError naming the valid ones."""
+    names = [name for name, _, _ in DOMAINS]
+    if not only:
+        return list(range(len(DOMAINS)))
+    picked = [name.strip() for name in only.split(",") if name.strip()]
+    unknown = [name for name in picked if name not in names]
+    if unknown or not picked:
+        raise ValueError(f"--only={only!r}: {', '.join(map(repr, unknown)) or 'no name'} is not a domain; "
+                         f"choose among {', '.join(names)}")
+    return sorted({names.index(name) for name in picked})
+
+
+def generate(n_chars, seed, progress=True, only=None):
+    """Documents and their domain ids until at least n_chars characters; deterministic in seed.
+    only: the domains to draw from (see pick_domains), with their usual relative weights."""
     rng = random.Random(seed)
+    ids = pick_domains(only)
     generators = [g for _, g, _ in DOMAINS]
-    weights = [w for _, _, w in DOMAINS]
-    ids = range(len(DOMAINS))
+    weights = [DOMAINS[d][2] for d in ids]
     docs, labels, total = [], [], 0
     with tqdm(total=n_chars, unit="char", unit_scale=True, disable=not progress, desc="generating") as bar:
         while total < n_chars:
@@ -220,12 +244,14 @@ def _write(path, array):
     os.replace(tmp, path)
 
 
-def prepare(out_dir=None, n_chars=3_000_000, seed=1337, val_fraction=0.1, progress=True):
-    """Generate the corpus and write the five files into out_dir (default: this folder); return meta."""
+def prepare(out_dir=None, n_chars=3_000_000, seed=1337, val_fraction=0.1, progress=True, only=None):
+    """Generate the corpus and write the five files into out_dir (default: this folder); return meta.
+    only: a comma-separated list of domains to keep (see pick_domains); None = all five."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     out_dir = out_dir or HERE
-    docs, labels = generate(n_chars, seed, progress)
+    picked = pick_domains(only)
+    docs, labels = generate(n_chars, seed, progress, only)
 
     # encode all characters at once through a byte -> id lookup table
     stoi = {ch: i for i, ch in enumerate(CHARS)}
@@ -253,8 +279,10 @@ def prepare(out_dir=None, n_chars=3_000_000, seed=1337, val_fraction=0.1, progre
     _write(os.path.join(out_dir, "val.bin"), tokens[cut:])
     _write(os.path.join(out_dir, "train_domain.bin"), domain[:cut])
     _write(os.path.join(out_dir, "val_domain.bin"), domain[cut:])
-    meta = {"vocab_size": len(CHARS), "stoi": stoi, "itos": itos,
-            "domains": [name for name, _, _ in DOMAINS], "seed": seed}
+    names = [name for name, _, _ in DOMAINS]
+    meta = {"vocab_size": len(CHARS), "stoi": stoi, "itos": itos, "domains": names, "seed": seed,
+            "answers": {name: marker for name, marker in ANSWERS.items() if names.index(name) in picked},
+            "only": [names[d] for d in picked]}
     # meta.pkl last: its presence means the dataset is complete
     tmp = os.path.join(out_dir, "meta.pkl.tmp")
     with open(tmp, "wb") as f:
@@ -263,7 +291,7 @@ def prepare(out_dir=None, n_chars=3_000_000, seed=1337, val_fraction=0.1, progre
 
     if progress:
         counts = np.bincount(domain, minlength=len(DOMAINS)) / len(domain)
-        shares = ", ".join(f"{name} {c:.0%}" for (name, _, _), c in zip(DOMAINS, counts))
+        shares = ", ".join(f"{name} {c:.0%}" for d, ((name, _, _), c) in enumerate(zip(DOMAINS, counts)) if d in picked)
         print(f"train has {cut:,} tokens, val has {len(tokens) - cut:,}; vocab {len(CHARS)}; {shares}")
     return meta
 
@@ -273,5 +301,14 @@ if __name__ == "__main__":
     parser.add_argument("--out_dir", default=None, help="where to write the files (default: this folder)")
     parser.add_argument("--n_chars", type=int, default=3_000_000, help="approximate corpus size in characters")
     parser.add_argument("--seed", type=int, default=1337, help="random seed; same seed, same bytes")
+    parser.add_argument("--only", default=None,
+                        help="a narrow dataset: these domains alone, comma-separated (e.g. arithmetic,lists)")
     args = parser.parse_args()
-    prepare(args.out_dir, args.n_chars, args.seed)
+    try:
+        pick_domains(args.only)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    if args.only and args.out_dir is None:
+        parser.exit(2, "error: --only writes a narrow dataset: give it its own --out_dir (e.g. "
+                       "data/domains_arithmetic), so the full dataset here stays as it is\n")
+    prepare(args.out_dir, args.n_chars, args.seed, only=args.only)
