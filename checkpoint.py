@@ -236,9 +236,10 @@ def load_start_weights(model, state_dict, source):
     Returns the names of the router tensors that stayed fresh."""
     own = model.state_dict()
     is_router = lambda name: '.ffn.router.' in name
+    # GatePro's step count: a buffer 'iter_num' (an '_extra_state' in older checkpoints)
+    per_run = lambda name: name.endswith('_extra_state') or name.endswith('.iter_num')
     state = {name: tensor for name, tensor in state_dict.items()
-             if not is_router(name) or (name in own and not name.endswith('_extra_state')
-                                        and own[name].shape == tensor.shape)}
+             if not is_router(name) or (name in own and not per_run(name) and own[name].shape == tensor.shape)}
     fresh = [name for name in own if is_router(name) and name not in state]
     state.update({name: own[name] for name in fresh})
     load_model_state(model, state, source)
