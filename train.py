@@ -568,6 +568,7 @@ while True:
         eval_generator.manual_seed(seed_for(seed, iter_num, EVAL))  # the eval batches of this iteration
         losses, val_stats = estimate_loss()
         accuracy = answer_accuracy()
+        val_stats = val_stats.to_host()[0]  # the eval's routing numbers, read back in one transfer
         layers = val_stats.summary(tables=True)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if accuracy:
