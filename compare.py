@@ -13,13 +13,19 @@ then from --key=value flags, checked by configurator.py:
               n_exp=1, no router) and names of variants
   variants    {name: {'router': a router or 'dense', train.py key: value, ...}}: a row that
               is a router with its own settings, e.g. 'topk-noaux': {'router': 'topk',
-              'aux_loss_coef': 0.0}; its keys come after train
+              'aux_loss_coef': 0.0}; its keys come after train. With 'resume_from': row,
+              each of its runs continues that row's run of the same seed (below)
   seeds       one run per row and seed
   compare_dir a folder per run, compare_dir/<row>-s<seed>, and results.md
   train       {train.py key: value} for every run
   per_router  {router: {train.py key: value}} for that router's runs, after train
   jobs        runs trained at once (each train.py gets OMP_NUM_THREADS = cores // jobs
               unless OMP_NUM_THREADS is set); 1 = one after another
+A variant with 'resume_from': 'base' changes settings part-way through training: its run
+starts once base's run of the same seed has finished, as a copy of that run's ckpt.pt and
+metrics.jsonl, and train.py resumes it (--init_from=resume) with the variant's keys, e.g. a
+larger max_iters and gatepro_start_iter or aux_loss_coef. base must save its last step
+(always_save_checkpoint=True) and must not resume another row itself.
 A --train, --per_router or --variants flag adds to (updates) the config file's dict
 instead of replacing it, so `--train="{'device': 'cuda'}"` keeps the file's model size.
 compare.py sets seed, out_dir and router (or n_exp=1 for dense) itself; a variant's router
@@ -45,6 +51,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -167,8 +174,27 @@ def check_config(config):
         # the dense twin is n_exp=1 by definition
         check_train_keys(keys, f"per_router[{router!r}]", reserved | ({'n_exp'} if router == 'dense' else set()))
     for name, keys in variants.items():
-        rest = {k: v for k, v in keys.items() if k != 'router'}
-        check_train_keys(rest, f"variants[{name!r}]", reserved | ({'n_exp'} if keys['router'] == 'dense' else set()))
+        rest = {k: v for k, v in keys.items() if k not in ('router', 'resume_from')}
+        check_train_keys(rest, f"variants[{name!r}]", reserved | ({'n_exp'} if keys['router'] == 'dense' else set())
+                         | ({'init_from'} if 'resume_from' in keys else set()))
+        if 'resume_from' in keys:
+            check_resume_from(config, name, keys['resume_from'])
+
+
+def check_resume_from(config, name, base):
+    """A variant that resumes row base: base is trained in this comparison, saves its last
+    step, and starts from scratch itself (one level: a run waits for its base only)."""
+    if base not in config['routers']:
+        raise ConfigError(f"variants[{name!r}] resumes {base!r}, which is not one of the routers; "
+                          f"add {base!r} to routers")
+    if base == name or 'resume_from' in config['variants'].get(base, {}):
+        raise ConfigError(f"variants[{name!r}] resumes {base!r}, which resumes a row itself; "
+                          f"resume a row that trains from the start")
+    variant = config['variants'].get(base, {'router': base})
+    keys = {**config['train'], **config['per_router'].get(variant['router'], {}), **variant}
+    if keys.get('always_save_checkpoint') is not True:
+        raise ConfigError(f"variants[{name!r}] resumes {base!r}, whose runs save only when val loss improves; "
+                          f"give {base!r} always_save_checkpoint=True so its last step is saved")
 
 
 def flag(key, value):
@@ -188,6 +214,10 @@ def shell_join(args):
     return ' '.join(quoted)
 
 
+def run_name(row, seed):
+    return f"{row}-s{seed}"
+
+
 def plan_runs(config):
     """[(name, row, seed, out_dir, command)] in table order: row by row, seed by seed. A row
     is a router, 'dense' or a variant; a variant trains its 'router' with its own keys."""
@@ -195,10 +225,13 @@ def plan_runs(config):
     for row in config['routers']:
         variant = dict(config['variants'].get(row, {'router': row}))
         router = variant.pop('router')
+        resumes = variant.pop('resume_from', None) is not None
         for seed in config['seeds']:
-            name = f"{row}-s{seed}"
+            name = run_name(row, seed)
             out_dir = os.path.join(config['compare_dir'], name)
             keys = {**config['train'], **config['per_router'].get(router, {}), **variant, 'seed': seed, 'out_dir': out_dir}
+            if resumes:
+                keys['init_from'] = 'resume'  # from the copy of its base's checkpoint (start_from_base)
             if router == 'dense':
                 keys['n_exp'] = 1  # in place of train's n_exp, if it sets one
             else:
@@ -206,6 +239,29 @@ def plan_runs(config):
             command = [sys.executable, TRAIN, *(flag(k, v) for k, v in keys.items())]
             runs.append((name, row, seed, out_dir, command))
     return runs
+
+
+def resume_bases(config):
+    """{run name: the out_dir of the run it resumes} for the runs of resume_from variants."""
+    bases = {}
+    for row in config['routers']:
+        base = config['variants'].get(row, {}).get('resume_from')
+        if base is not None:
+            for seed in config['seeds']:
+                bases[run_name(row, seed)] = os.path.join(config['compare_dir'], run_name(base, seed))
+    return bases
+
+
+def start_from_base(out_dir, base_dir):
+    """Make out_dir a copy of the finished run base_dir, for train.py to resume: its
+    checkpoint, and its metrics.jsonl so this run's log and plots hold the whole history.
+    Raises RuntimeError (one line) when base_dir has no checkpoint."""
+    os.makedirs(out_dir, exist_ok=True)
+    for file in ('ckpt.pt', 'metrics.jsonl'):
+        source = os.path.join(base_dir, file)
+        if not os.path.exists(source):
+            raise RuntimeError(f"{out_dir} resumes {base_dir}, which has no {file}; delete {base_dir} and run again")
+        shutil.copyfile(source, os.path.join(out_dir, file))
 
 
 def read_json(path):
@@ -499,33 +555,58 @@ def main(argv, prog='compare.py'):
             print(f"skipping {name}: finished ({os.path.join(out_dir, 'done.json')})")
             walls[name] = done.get('wall_s', 0.0)
     env = child_env(config['jobs'])
+    bases = resume_bases(config)
+    unfinished = {out_dir for _, _, _, out_dir, _ in todo}
     n_trained = 0
     bar = tqdm(total=len(todo), desc='runs', unit='run', disable=None)  # no bar when stderr is not a terminal
-    # each run is its own train.py process; the threads here only wait for them
+    # each run is its own train.py process; the threads here only wait for them. A run that
+    # resumes another waits until that one has finished (then it starts as a copy of it).
     pool = ThreadPoolExecutor(max_workers=config['jobs'])
-    running = {pool.submit(train_run, *run, env=env): run[0] for run in todo}
+    waiting = [run for run in todo if bases.get(run[0]) in unfinished]
+    running = {}
     errors = []
+
+    def submit(run):
+        name, out_dir = run[0], run[3]
+        if name in bases:
+            start_from_base(out_dir, bases[name])
+        running[pool.submit(train_run, *run, env=env)] = run
+
     try:
+        for run in todo:
+            if run not in waiting:
+                submit(run)
         while running:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                name = running.pop(future)
+                run = running.pop(future)
+                name = run[0]
+                if future.cancelled():  # queued when an earlier run failed: never started
+                    continue
                 try:
                     walls[name] = future.result()
                 except (RuntimeError, OSError) as e:
                     if not errors:  # runs not started yet never start; the ones training finish
                         for queued in running:
                             queued.cancel()
+                        waiting.clear()
                     errors.append(str(e))
-                    still = [n for f, n in running.items() if f.running()]
+                    still = [r[0] for f, r in running.items() if f.running()]
                     if still:
                         tqdm.write(f"run {name} failed; waiting for {', '.join(still)} to finish (Ctrl-C stops them)")
                     continue
+                unfinished.discard(run[3])
                 n_trained += 1
                 bar.update(1)
                 bar.set_postfix_str(name)
+                for ready in [r for r in waiting if bases[r[0]] not in unfinished]:
+                    waiting.remove(ready)
+                    try:
+                        submit(ready)
+                    except RuntimeError as e:
+                        errors.append(str(e))
     except KeyboardInterrupt:
-        active = [n for f, n in running.items() if f.running()]
+        active = [r[0] for f, r in running.items() if f.running()]
         for future in running:
             future.cancel()
         bar.close()

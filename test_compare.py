@@ -296,6 +296,15 @@ def test_config_flags_update_the_dicts(tmp_path):
     (["--variants={'k1': {'top_k': 1}}"], "variants['k1'] needs 'router'"),
     (["--variants={'k1': {'router': 'topk', 'seed': 1}}"], "variants['k1'] sets 'seed'"),
     (["--variants={'big': {'router': 'dense', 'n_exp': 4}}"], "variants['big'] sets 'n_exp'"),
+    # resume_from: the base must be a row that trains from the start and saves its last step
+    (["--variants={'on': {'router': 'topk', 'resume_from': 'base'}}", "--routers=['topk', 'on']"],
+     "variants['on'] resumes 'base', which is not one of the routers; add 'base' to routers"),
+    (["--variants={'on': {'router': 'topk', 'resume_from': 'topk'}}", "--routers=['topk', 'on']"],
+     "give 'topk' always_save_checkpoint=True"),
+    (["--variants={'a': {'router': 'topk', 'resume_from': 'b'}, 'b': {'router': 'topk', 'resume_from': 'a'}}",
+      "--routers=['a', 'b']"], "variants['a'] resumes 'b', which resumes a row itself"),
+    (["--variants={'on': {'router': 'topk', 'resume_from': 'topk', 'init_from': 'scratch'}}",
+      "--routers=['topk', 'on']", "--train={'always_save_checkpoint': True}"], "variants['on'] sets 'init_from'"),
 ])
 def test_config_errors(argv, message):
     with pytest.raises(compare.ConfigError) as e:
@@ -316,6 +325,20 @@ def test_variants_are_rows_with_their_own_keys():
     assert '--router=topk' in noaux and '--aux_loss_coef=0.0' in noaux and '--z_loss_coef=0.0' in noaux
     assert '--aux_loss_coef=0.01' not in noaux
     assert '--n_exp=1' in wide and '--n_embd=32' in wide and not any(a.startswith('--router=') for a in wide)
+
+
+def test_resume_from_plans_a_resumed_run_per_seed():
+    config = compare.load_config(["--routers=['base', 'on']", '--seeds=[1, 2]', '--compare_dir=cmp',
+                                  "--variants={'base': {'router': 'gatepro', 'gatepro_start_iter': 99, "
+                                  "'max_iters': 4, 'always_save_checkpoint': True}, "
+                                  "'on': {'router': 'gatepro', 'resume_from': 'base', 'max_iters': 8}}"])
+    runs = compare.plan_runs(config)
+    on = [command for name, *_, command in runs if name.startswith('on-')]
+    assert len(on) == 2 and all('--init_from=resume' in c and '--max_iters=8' in c for c in on)
+    assert not any(a.startswith('--resume_from') for c in on for a in c)  # compare.py's key, not train.py's
+    assert not any('--init_from=resume' in c for name, *_, c in runs if name.startswith('base-'))
+    assert compare.resume_bases(config) == {'on-s1': os.path.join('cmp', 'base-s1'),
+                                            'on-s2': os.path.join('cmp', 'base-s2')}
 
 
 def test_child_env_shares_the_cores(monkeypatch):
@@ -393,3 +416,23 @@ def test_compare_failing_run_is_one_line_error(tmp_path, tiny_data, capsys):
     log = os.path.join(tmp_path / 'cmp', 'switch-s1', 'train.log')
     assert_one_line_error(capsys.readouterr().err, 'run switch-s1 failed', "unknown config key 'capacity_factr'", log)
     assert not os.path.exists(os.path.join(tmp_path / 'cmp', 'switch-s1', 'done.json'))
+
+
+def test_compare_resume_from_continues_the_base_run(tmp_path, tiny_data):
+    """A resumed row starts after its base (here with two jobs at once, so it must wait),
+    from the base's last checkpoint: its log holds the base's steps and then its own."""
+    config = tiny_config(tmp_path, tiny_data)
+    variants = ("--variants={'base': {'router': 'gatepro', 'gatepro_start_iter': 100, 'max_iters': 4, "
+                "'always_save_checkpoint': True}, 'on': {'router': 'gatepro', 'resume_from': 'base', "
+                "'gatepro_start_iter': 4, 'max_iters': 8}}")
+    result = run(['compare.py', config, variants, "--routers=['base', 'on']", '--jobs=2'])
+    assert result.returncode == 0, result.stderr
+    cmp_dir = tmp_path / 'cmp'
+    assert 'resuming from' in (cmp_dir / 'on-s1' / 'train.log').read_text()
+    lines = [json.loads(line) for line in (cmp_dir / 'on-s1' / 'metrics.jsonl').read_text().splitlines()]
+    train_iters = [line['iter'] for line in lines if line['split'] == 'train']
+    assert train_iters == list(range(8))  # 0-3 copied from base, 4-7 its own, none twice
+    base_lines = (cmp_dir / 'base-s1' / 'metrics.jsonl').read_text().splitlines()
+    assert (cmp_dir / 'on-s1' / 'metrics.jsonl').read_text().splitlines()[:len(base_lines)] == base_lines
+    results = (cmp_dir / 'results.md').read_text()
+    assert re.search(r"^\| on \| [0-9]", results, re.M), results
