@@ -365,6 +365,14 @@ def run_stats(lines):
         stats[key] = layer_mean(last, key)
     if stats['specialization'] is None and plot.is_number(last.get('specialization')):
         stats['specialization'] = last['specialization']  # logged for the whole model, not per layer
+    accuracy = [v for v in (last.get('answer_accuracy') or {}).values() if plot.is_number(v)]
+    stats['answer_accuracy'] = mean(accuracy)
+    also = last.get('eval_also') if isinstance(last.get('eval_also'), dict) else {}
+    stats['eval_also'] = also.get('dataset')
+    stats['also_loss'] = also.get('loss')
+    stats['other_domains_loss'] = also.get('other_domains_loss')
+    for domain, value in (also.get('domain_loss') or {}).items():
+        stats[f"also_loss:{domain}"] = value
     return stats
 
 
@@ -415,12 +423,29 @@ MORE_COLUMNS = [
 ]
 
 
+def task_columns(stats_by_router):
+    """The columns of the task table, for the runs that log them: the exact-match accuracy of
+    answers (train.py's eval_answers) and the loss on eval_also's val split, overall, on the
+    domains the run does not train on, and per domain. [] when no run logs any of them."""
+    all_stats = [s for runs in stats_by_router.values() for s in runs]
+    present = lambda key: any(s.get(key) is not None for s in all_stats)
+    also = next((s['eval_also'] for s in all_stats if s.get('eval_also')), None)
+    columns = [('answer_accuracy', 'exact-match answers', '.3f')] if present('answer_accuracy') else []
+    if also:
+        columns.append(('also_loss', f"val loss on {also}", '.4f'))
+        if present('other_domains_loss'):
+            columns.append(('other_domains_loss', 'on the domains not trained on', '.4f'))
+        domains = dict.fromkeys(k for s in all_stats for k in s if k.startswith('also_loss:'))
+        columns += [(key, f"on {key.split(':', 1)[1]}", '.4f') for key in domains]
+    return columns
+
+
 def table(columns, routers, stats_by_router):
     lines = ['| router | ' + ' | '.join(header for _, header, _ in columns) + ' |',
              '| --- ' * (len(columns) + 1) + '|']
     for router in routers:
         runs = stats_by_router[router]
-        lines.append(f"| {router} | " + ' | '.join(cell([s[key] for s in runs], spec) for key, _, spec in columns) + ' |')
+        lines.append(f"| {router} | " + ' | '.join(cell([s.get(key) for s in runs], spec) for key, _, spec in columns) + ' |')
     return '\n'.join(lines)
 
 
@@ -446,6 +471,18 @@ def paired_table(routers, seeds, val_loss):
             paired = f"{m:+.4f}" + (f" ± {sd:.4f}" if sd is not None else '') + f" ({sum(d < 0 for d in diffs)} of {len(diffs)} lower)"
         lines.append(f"| {router} | " + ' | '.join('n/a' if v is None else f"{v:.4f}" for v in losses) + f" | {paired} |")
     return '\n'.join(lines)
+
+
+def task_section(routers, stats_by_router):
+    """The task table's lines for results.md, or none when no run logs a task metric."""
+    columns = task_columns(stats_by_router)
+    if not columns:
+        return []
+    return ['The task, at the last val line: exact-match answers is the fraction of greedy answers '
+            'that are exactly right (train.py eval_answers; mean over the domains with answers); '
+            '"val loss on" a dataset is the cross-entropy on the val split of train.py\'s eval_also, '
+            'over all its tokens, over the tokens of the domains the run does not train on, and per domain:', '',
+            table(columns, routers, stats_by_router), '']
 
 
 def cpu_name():
@@ -498,6 +535,7 @@ def results_markdown(config, runs, stats, walls, argv, wall_now, n_trained, plot
         'of every logged training step, mean over the steps and the MoE layers (training drops '
         'past capacity_factor, an eval past eval_capacity_factor):', '',
         table(MORE_COLUMNS, routers, stats_by_router), '',
+        *task_section(routers, stats_by_router),
         '## How this was made', '',
         f"Command: `{shell_join(['python', *argv])}`", '',
         'The train.py command of each row (its other seeds differ only in `--seed` and `--out_dir`; '

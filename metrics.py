@@ -282,6 +282,23 @@ def format_routing_table(rows):
 # Task accuracy: whether the model's answer is right, not only how likely the text is
 
 
+def loss_by_domain(token_loss, labels, names, trained):
+    """What a model forgets when it is fine-tuned on some domains: token_loss [n] (the
+    cross-entropy of each predicted token), labels [n] (its domain, an index into names).
+    Returns {'loss': mean over all tokens, 'domain_loss': {name: mean over that domain's
+    tokens} for the domains present, and 'other_domains_loss': mean over the tokens of the
+    domains not in trained}, the last only when there are such tokens."""
+    token_loss, labels = token_loss.double(), labels.long()
+    loss_sum = torch.zeros(len(names), dtype=torch.float64).index_add_(0, labels, token_loss)
+    count = torch.bincount(labels, minlength=len(names)).double()
+    out = {'loss': token_loss.mean().item(),
+           'domain_loss': {name: (loss_sum[i] / count[i]).item() for i, name in enumerate(names) if count[i]}}
+    other = torch.tensor([name not in trained for name in names])
+    if count[other].sum() > 0:
+        out['other_domains_loss'] = (loss_sum[other].sum() / count[other].sum()).item()
+    return out
+
+
 def answer_prompts(tokens, domain_ids, domain, marker, newline, n, context):
     """Prompts whose right answer is known, from a labelled token stream (data/domains:
     arithmetic '37+85=' -> '122'). A match is a place where the token ids `marker` occur in

@@ -108,6 +108,26 @@ def test_run_stats_by_hand():
     assert compare.run_stats(lines)['specialization'] == 0.7
 
 
+def test_task_table_by_hand():
+    lines = metrics_lines()
+    last = [line for line in lines if line['split'] == 'val'][-1]
+    last['answer_accuracy'] = {'arithmetic': 0.5, 'lists': 0.25}
+    last['eval_also'] = {'dataset': 'domains', 'loss': 1.2, 'other_domains_loss': 1.4,
+                         'domain_loss': {'arithmetic': 0.6, 'english': 1.4}}
+    stats = compare.run_stats(lines)
+    assert stats['answer_accuracy'] == 0.375  # (0.5 + 0.25) / 2
+    assert stats['also_loss'] == 1.2 and stats['other_domains_loss'] == 1.4 and stats['also_loss:english'] == 1.4
+    plain = compare.run_stats(metrics_lines())
+    assert plain['answer_accuracy'] is None and plain['also_loss'] is None
+    # a table only when some run logs it; a row without it reads n/a
+    assert compare.task_section(['a'], {'a': [plain]}) == []
+    section = '\n'.join(compare.task_section(['a', 'b'], {'a': [stats, stats], 'b': [plain]}))
+    assert ('| router | exact-match answers | val loss on domains | on the domains not trained on | on arithmetic '
+            '| on english |') in section
+    assert '| a | 0.375 ± 0.000 | 1.2000 ± 0.0000 | 1.4000 ± 0.0000 | 0.6000 ± 0.0000 | 1.4000 ± 0.0000 |' in section
+    assert '| b | n/a | n/a | n/a | n/a | n/a |' in section
+
+
 def test_all_experts_used_iter_by_hand():
     lines = metrics_lines()
     train = plot.by_iter(lines, 'train')

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from checkpoint import load_pretrained, load_start_weights
-from metrics import answer_prompts, exact_match
+from metrics import answer_prompts, exact_match, loss_by_domain
 from model import GPT, GPTConfig, upcycle_state_dict
 from test_checkpoint import assert_one_line_error
 
@@ -191,9 +191,16 @@ def test_fine_tune_an_moe_on_one_domain(runner, domains_data, tmp_path):
     assert 'exact-match answers (greedy, val): arithmetic ' in result.stdout and '% of 4, lists ' in result.stdout
     # n_exp, router and top_k come from the checkpoint: nothing to repeat; the dataset is new
     result = runner.run([*TINY, f'--data_dir={narrow}', f'--init_from={pretrained}', f'--out_dir={finetuned}',
-                         '--max_iters=2', '--eval_interval=2', '--eval_answers=4', '--gatepro_penalty=1e-4'])
+                         '--max_iters=2', '--eval_interval=2', '--eval_answers=4', '--gatepro_penalty=1e-4',
+                         f'--eval_also={full}'])
     assert result.returncode == 0, result.stderr
     log = records(finetuned)
+    # eval_also: the full mixture's val split, per domain; the other domains are all but arithmetic
+    also = log[-1]['eval_also']
+    assert also['dataset'] == full and set(also['domain_loss']) == {'arithmetic', 'lists', 'english', 'code', 'records'}
+    others = [v for k, v in also['domain_loss'].items() if k != 'arithmetic']
+    assert min(others) <= also['other_domains_loss'] <= max(others)
+    assert f"val loss on {full}: " in result.stdout
     assert [r['iter'] for r in log] == [0, 0, 2]  # val 0, train 0, val 2: a new run, a new log
     assert set(log[0]['answer_accuracy']) == {'arithmetic'}  # the narrow dataset asks arithmetic only
     assert all(0.0 <= value <= 1.0 for value in log[0]['answer_accuracy'].values())
@@ -267,6 +274,23 @@ def test_narrow_domains_dataset_keeps_the_vocabulary(domains_data, tmp_path):
 
 # -----------------------------------------------------------------------------
 # the answer accuracy, on hand-made cases
+
+
+def test_loss_by_domain_by_hand():
+    # tokens of domains a, a, b, c with losses 1, 2, 3, 4; trained on a only
+    out = loss_by_domain(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 0, 1, 2]), ['a', 'b', 'c', 'd'], ['a'])
+    assert out['loss'] == 2.5  # (1 + 2 + 3 + 4) / 4
+    assert out['domain_loss'] == {'a': 1.5, 'b': 3.0, 'c': 4.0}  # d has no token: absent, not 0 or NaN
+    assert out['other_domains_loss'] == 3.5  # (3 + 4) / 2: the tokens of b and c, not the mean of a domain mean
+    # trained on every domain present: nothing is "other"
+    assert 'other_domains_loss' not in loss_by_domain(torch.tensor([1.0, 3.0]), torch.tensor([0, 1]), ['a', 'b'], ['a', 'b'])
+
+
+def test_eval_also_that_does_not_fit_is_one_line(runner, tiny_data, domains_data, tmp_path):
+    full, _ = domains_data
+    result = runner.run([*TINY, f'--data_dir={tiny_data}', f'--out_dir={tmp_path / "x"}', f'--eval_also={full}'])
+    assert result.returncode != 0 and 'it has vocab_size=96 but dataset' in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_answer_prompts_finds_the_answers_by_hand():

@@ -28,6 +28,7 @@ from dataclasses import asdict, fields
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
@@ -38,7 +39,7 @@ from checkpoint import (DATA, EVAL, GPT2_NAMES, NOISE, CheckpointError, Interrup
 from configurator import ConfigError, apply_overrides
 from ddp import all_reduce_stats, replicas_differ
 from fast_experts import describe_impl
-from metrics import (CHARACTER_CLASSES, RoutingStats, answer_prompts, character_class, exact_match,
+from metrics import (CHARACTER_CLASSES, RoutingStats, answer_prompts, character_class, exact_match, loss_by_domain,
                      format_routing_table)
 from model import GPT, GPTConfig, upcycle_state_dict
 from routers import RouterConfig
@@ -82,6 +83,8 @@ wandb_project = 'nanorouter'
 wandb_run_name = 'run'
 # data
 dataset = 'domains'  # a folder of data/ with train.bin, val.bin, meta.pkl
+eval_also = ''  # another dataset (a folder of data/, or a path) whose val split each eval measures too, e.g.
+# 'domains' while fine-tuning on one of its domains: its loss on each domain shows what the model forgets
 data_dir = ''  # '' = data/<dataset>; set to read the .bin files from elsewhere
 gradient_accumulation_steps = 1
 batch_size = 16
@@ -243,6 +246,26 @@ if meta and meta.get('answers') and label_names is not None and class_of_token i
 elif meta and 'domains' in meta and 'answers' not in meta and eval_answers > 0 and master_process:
     print(f"{os.path.join(data_dir, 'meta.pkl')} names no checkable answers (written before they were): run "
           f"data/domains/prepare.py again for the exact-match answer accuracy")
+
+# eval_also: a second val split, with the same vocabulary, measured at each eval; where it has
+# domain labels, its loss per domain, and on the domains this run does not train on
+also_dir, also_domains, trained_domains = None, None, None
+if eval_also:
+    also_dir = eval_also if os.path.isdir(eval_also) else os.path.join(repo_dir, 'data', eval_also)
+    if not os.path.exists(os.path.join(also_dir, 'val.bin')):
+        fail(f"eval_also={eval_also!r}: {os.path.join(also_dir, 'val.bin')} is missing; prepare that dataset first")
+    try:
+        also_meta = load_meta(also_dir)
+        if also_meta and meta and also_meta['vocab_size'] != meta_vocab_size:
+            raise ValueError(f"it has vocab_size={also_meta['vocab_size']} but dataset {dataset!r} has "
+                             f"{meta_vocab_size}; evaluate on a dataset with the same vocabulary")
+        check_tokens(os.path.join(also_dir, 'val.bin'), meta_vocab_size or config['vocab_size'], vocab_source)
+    except ValueError as e:
+        fail(f"eval_also={eval_also!r}: {e}")
+    if also_meta and 'domains' in also_meta and os.path.exists(os.path.join(also_dir, 'val_domain.bin')):
+        also_domains = list(also_meta['domains'])
+        # the domains this run trains on: a narrow dataset names them (prepare.py --only)
+        trained_domains = list(meta.get('only') or also_domains) if meta else also_domains
 
 
 # Batches are drawn from generators seeded per iteration (checkpoint.seed_for), never from
@@ -487,6 +510,32 @@ def estimate_loss():
 
 
 @torch.no_grad()
+def estimate_also_loss():
+    """eval_also's val split, eval_iters batches: the mean cross-entropy and, where it has
+    domain labels, the mean per domain (of the token predicted) and over the domains this
+    run does not train on (metrics.loss_by_domain)."""
+    data = np.memmap(os.path.join(also_dir, 'val.bin'), dtype=np.uint16, mode='r')
+    labels = np.memmap(os.path.join(also_dir, 'val_domain.bin'), dtype=np.uint8, mode='r') if also_domains else None
+    loss_batches, label_batches = [], []
+    model.eval()
+    for _ in range(eval_iters):
+        ix = torch.randint(len(data) - block_size, (batch_size,), generator=eval_generator)
+        x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix]).to(device)
+        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix]).to(device)
+        with ctx:
+            logits = model(x, y)[0]
+        loss_batches.append(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction='none'))
+        if labels is not None:
+            label_batches.append(torch.stack([torch.from_numpy(labels[i + 1:i + 1 + block_size].astype(np.int64))
+                                              for i in ix]).view(-1))
+    model.train()
+    token_loss = torch.cat(loss_batches).cpu()  # one read-back for the whole evaluation
+    if labels is None:
+        return {'dataset': eval_also, 'loss': token_loss.double().mean().item()}
+    return {'dataset': eval_also, **loss_by_domain(token_loss, torch.cat(label_batches), also_domains, trained_domains)}
+
+
+@torch.no_grad()
 def answer_accuracy():
     """{domain: exact-match accuracy} of the greedy answers to answer_sets' prompts, decoded
     in one batch per domain (on the uncompiled model: every step has another length)."""
@@ -568,17 +617,21 @@ while True:
         eval_generator.manual_seed(seed_for(seed, iter_num, EVAL))  # the eval batches of this iteration
         losses, val_stats = estimate_loss()
         accuracy = answer_accuracy()
+        also = estimate_also_loss() if also_dir else None
         val_stats = val_stats.to_host()[0]  # the eval's routing numbers, read back in one transfer
         layers = val_stats.summary(tables=True)
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         if accuracy:
             print("exact-match answers (greedy, val): " + ', '.join(
                 f"{name} {value:.1%} of {len(answer_sets[name][1])}" for name, value in accuracy.items()))
+        if also:
+            print(f"val loss on {eval_also}: {also['loss']:.4f}" + (', by domain: ' + ', '.join(
+                f"{name} {value:.4f}" for name, value in also['domain_loss'].items()) if 'domain_loss' in also else ''))
         if layers:
             print(format_routing_table(layers))
         log_json({'iter': iter_num, 'split': 'val', 'loss': losses['val'], 'train_loss': losses['train'],
                   'lr': lr, 'losses': val_stats.loss_summary(), 'layers': layers, 'label_names': label_names,
-                  'answer_accuracy': accuracy})
+                  'answer_accuracy': accuracy, **({'eval_also': also} if also else {})})
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
         if not math.isfinite(losses['val']):
