@@ -550,9 +550,9 @@ class GateProRouter(TopKRouter):
     s = softmax(W_g h) over all E, takes the top-k of s', and weighs with s' (clamped at
     0; divided by its sum over the k when renormalize). The losers are the same either way
     (the softmax keeps each token's order); only the scale of the step differs. With the
-    literal 1e-4: p_m - p_i >= p_i (l_m - l_i) for p_i < p_m, so on probabilities a loser
-    drops below experts up to about 1e-4 / p_i in logit away, a window 1/p_i times (E times,
-    at uniform routing) wider than on logits. With 1e4 both pick the same experts (every
+    literal 1e-4: p_i - p_m <= p_i (l_i - l_m) for p_m < p_i, so on probabilities a loser i
+    drops below every expert less than 1e-4 / p_i below it in logit, a window 1/p_i times
+    (E times, at uniform routing) wider than on logits. With 1e4 both pick the same experts (every
     loser below every winner) and weigh the winners alike; a chosen loser weighs exactly 0
     on probabilities, ~0 on logits.
     Hot-swap: the competition is on for gatepro_start_iter <= iter < gatepro_end_iter
