@@ -543,18 +543,18 @@ class GateProRouter(TopKRouter):
     is taken on l', not on its softmax, whose losers all underflow to 0), with weight ~0.
     The literal 1e-4 only reorders logits within 1e-4 of each other (near-ties), and would
     round away in bf16: it is applied in fp32.
-    gatepro_penalty_on, where lambda acts: 'logits' (default) subtracts it from W_g h before
-    any softmax, which is how Algorithm 1 was read when this router was written; the method
-    section could not be reread when the other reading was added, so no sentence is quoted
-    for it here and 'probs' is a knob, not a ruling. 'probs' subtracts lambda from
-    s = softmax(W_g h) over all E, takes the top-k of s', and weighs with s' (clamped at
-    0; divided by its sum over the k when renormalize). The losers are the same either way
-    (the softmax keeps each token's order); only the scale of the step differs. With the
-    literal 1e-4: p_i - p_m <= p_i (l_i - l_m) for p_m < p_i, so on probabilities a loser i
-    drops below every expert less than 1e-4 / p_i below it in logit, a window 1/p_i times
-    (E times, at uniform routing) wider than on logits. With 1e4 both pick the same experts (every
-    loser below every winner) and weigh the winners alike; a chosen loser weighs exactly 0
-    on probabilities, ~0 on logits.
+    gatepro_penalty_on, where lambda acts: 'logits' (default) subtracts it from l = W_g h
+    before any softmax, which is how Algorithm 1 was read when this router was written.
+    The method section could not be reread when the other reading was added (no sentence
+    of it is quoted here), so 'probs' is a knob to compare with, not a ruling: it subtracts
+    lambda from s = softmax(l) over all E, takes the top-k of s', and weighs with s'
+    (clamped at 0; divided by its sum over the k when renormalize). The losers are the
+    same either way (the softmax keeps each token's order); only the scale of the step
+    differs. With the literal 1e-4: p_i - p_m <= p_i (l_i - l_m) for p_m < p_i, so on
+    probabilities a loser i drops below every expert less than 1e-4 / p_i below it in
+    logit, a window 1/p_i times (E times, at uniform routing) wider than on logits. With
+    1e4 both pick the same experts (every loser below every winner) and weigh the winners
+    alike; a chosen loser weighs exactly 0 on probabilities, ~0 on logits.
     Hot-swap: the competition is on for gatepro_start_iter <= iter < gatepro_end_iter
     (None = no end), and outside it the router is exactly topk. The router counts the
     finished training steps itself (step_finished) and keeps the count in the checkpoint.
@@ -618,11 +618,13 @@ class OrthoVarRouter(TopKRouter):
     (ortho_loss_coef = beta) is ortho_loss on the experts' outputs, so the router computes
     it in output_losses, after the experts ran. Both are Router features that work with
     any fixed-k token-choice router; this one only turns them on by default.
-    Defaults beta = 0.1, gamma = 0.3: the paper's released configs calibrate beta and gamma
+    Defaults beta = 0.1, gamma = 0.3: the authors' released code calibrates beta and gamma
     so that the initial terms are about 1e-4 and 1e-3, and on the default model these
     values give 1e-4 and 9e-4 at step 0; in our short sweep (RESULTS.md) they beat plain
-    topk, while 10x both made the routing one-hot and collapsed. alpha = aux_loss_coef and
-    the z-loss stay topk's (0.01 and 0.001; the paper's configs use alpha = 0.001).
+    topk, while 10x both made the routing one-hot and collapsed. ortho_loss_target and
+    var_loss_target calibrate them instead (Router.scaled_loss: each term starts at its
+    target). alpha = aux_loss_coef and the z-loss stay topk's (0.01 and 0.001; the paper's
+    configs use alpha = 0.001).
     """
     defaults = {**TopKRouter.defaults, 'ortho_loss_coef': 0.1, 'var_loss_coef': 0.3}
 
