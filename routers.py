@@ -107,7 +107,7 @@ class RouterConfig:
     gatepro_penalty: float = 1e4  # lambda subtracted from a losing expert's logit; 1e-4 is the paper's literal value
     gatepro_start_iter: int = 0  # competition on from this iteration...
     gatepro_end_iter: Optional[int] = None  # ...until this one (excluded); None = to the end
-    gatepro_penalty_on: str = 'logits'  # 'logits': lambda on W_g h (Algorithm 1 as read here); 'probs': on softmax(W_g h)
+    gatepro_penalty_on: str = 'logits'  # lambda on W_g h (Algorithm 1 as read here), or 'probs': on softmax(W_g h)
     # Switch (Fedus et al. 2021)
     switch_jitter: float = 0.01  # multiplicative router-input noise U[1-eps, 1+eps], training only; 0 = off
     # DeepSeek-V3 auxiliary-loss-free balancing (arXiv 2412.19437 sec. 2.1.2)
