@@ -165,7 +165,7 @@ class RouterConfig:
             if coef is not None:
                 raise ValueError(f"{coef_name}={coef} and {target_name}={target} both given: the target sets the "
                                  f"coefficient at the first training step; drop --{coef_name} or --{target_name} "
-                                 f"(one that came with the weights you start from: --{target_name}=None)")
+                                 f"(=None drops one that came with the weights you start from)")
             if coef_name in router_class.fixed:
                 raise ValueError(f"router {self.router!r} needs {coef_name}={router_class.fixed[coef_name]}, "
                                  f"got {target_name}={target}; drop --{target_name} (or pick another router)")
