@@ -358,6 +358,10 @@ def four_experts_in_two_pairs(**overrides):
 
 
 def test_gatepro_lambda_on_probabilities_by_hand():
+    # The readings differ only where a loser falls below a lower WINNER on one scale and not on the
+    # other (two losers move together). A winner below a loser needs its partner below itself, so
+    # with 3 experts (a > loser > that winner) it cannot happen, nor at top-1 (the argmax always wins):
+    # 4 experts, top-2.
     # losers: 1 (l1 = 0.001 < l0 = 3) and 3 (l3 = -1 < l2 = 0); 0 and 2 win.
     # softmax: exp = [20.0855, 1.0010, 1.0, 0.3679], sum 22.4544 -> p = [0.89450, 0.044580, 0.044535, 0.016383]
     # lambda = 1e-4 on logits: l1' = 0.0009 > l2 = 0, so the top-2 stays {0, 1};
