@@ -232,12 +232,16 @@ def load_start_weights(model, state_dict, source):
     routers may differ from the source's (another router, or none in a dense source
     being upcycled). Router tensors that the model has and the source lacks, or holds
     with another shape, keep their fresh initialisation; the source's other router tensors
-    are dropped; and the routers' per-run state (GatePro's step count) starts again at 0.
-    Returns the names of the router tensors that stayed fresh."""
+    are dropped; and the routers' per-run state starts again at 0: GatePro's step count,
+    and the L_v / L_o coefficients a loss target set at the first step (a new run sets
+    them again on its own first step). Returns the names of the router tensors that stayed
+    fresh."""
     own = model.state_dict()
     is_router = lambda name: '.ffn.router.' in name
-    # GatePro's step count: a buffer 'iter_num' (an '_extra_state' in older checkpoints)
-    per_run = lambda name: name.endswith('_extra_state') or name.endswith('.iter_num')
+    # GatePro's step count: a buffer 'iter_num' (an '_extra_state' in older checkpoints);
+    # the calibrated coefficients: 'var_loss_scale', 'ortho_loss_scale'
+    per_run_names = ('_extra_state', '.iter_num', '.var_loss_scale', '.ortho_loss_scale')
+    per_run = lambda name: name.endswith(per_run_names)
     state = {name: tensor for name, tensor in state_dict.items()
              if not is_router(name) or (name in own and not per_run(name) and own[name].shape == tensor.shape)}
     fresh = [name for name in own if is_router(name) and name not in state]

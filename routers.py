@@ -99,10 +99,15 @@ class RouterConfig:
     var_loss_coef: Optional[float] = None  # gamma of Guo et al. 2025: variance of each token's routing softmax
     ortho_loss_coef: Optional[float] = None  # beta of Guo et al. 2025: orthogonality of the selected experts' outputs
     ortho_loss_eps: float = 1e-6  # epsilon in L_o's projection denominator
+    # ...or set at the first training step so that |term| starts at the target (Router.scaled_loss);
+    # None = off, the fixed coefficient above. A target and its coefficient together are an error
+    var_loss_target: Optional[float] = None  # the authors' released configs: 1e-3
+    ortho_loss_target: Optional[float] = None  # the authors' released configs: 1e-4
     # GatePro (Zheng et al. 2025, arXiv 2510.13079)
     gatepro_penalty: float = 1e4  # lambda subtracted from a losing expert's logit; 1e-4 is the paper's literal value
     gatepro_start_iter: int = 0  # competition on from this iteration...
     gatepro_end_iter: Optional[int] = None  # ...until this one (excluded); None = to the end
+    gatepro_penalty_on: str = 'logits'  # lambda on W_g h (Algorithm 1 as read here), or 'probs': on softmax(W_g h)
     # Switch (Fedus et al. 2021)
     switch_jitter: float = 0.01  # multiplicative router-input noise U[1-eps, 1+eps], training only; 0 = off
     # DeepSeek-V3 auxiliary-loss-free balancing (arXiv 2412.19437 sec. 2.1.2)
@@ -116,9 +121,12 @@ class RouterConfig:
         # every problem here is a user's setting: say which, and what would work
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; available: {', '.join(sorted(ROUTERS))}")
+        if self.gatepro_penalty_on not in ('logits', 'probs'):
+            raise ValueError(f"gatepro_penalty_on={self.gatepro_penalty_on!r} must be 'logits' or 'probs'")
         if self.n_exp <= 1:
             return  # a dense model: no router is built
         router_class = ROUTERS[self.router]
+        targeted = self.check_loss_targets(router_class)  # before the defaults: a default coefficient is not "given"
         for name, value in router_class.fixed.items():
             given = getattr(self, name)
             if given is not None and given != value:
@@ -126,10 +134,10 @@ class RouterConfig:
                                  f"drop --{name} (or pick another router)")
             setattr(self, name, value)
         for name, value in router_class.defaults.items():
-            if getattr(self, name) is None:
+            if getattr(self, name) is None and name not in targeted:
                 setattr(self, name, value)
         for name in ('aux_loss_coef', 'z_loss_coef', 'var_loss_coef', 'ortho_loss_coef'):
-            if getattr(self, name) is None:
+            if getattr(self, name) is None and name not in targeted:
                 setattr(self, name, 0.0)
         if self.top_k is not None and not 1 <= self.top_k <= self.n_exp:
             raise ValueError(f"top_k={self.top_k} must be between 1 and n_exp={self.n_exp}")
@@ -139,8 +147,30 @@ class RouterConfig:
                 raise ValueError(f"{name}={value} must be > 0, or None for dropless routing")
         if self.eval_capacity_factor is None:
             self.eval_capacity_factor = self.capacity_factor
-        if self.ortho_loss_coef > 0:
+        if self.ortho_loss_target is not None or self.ortho_loss_coef > 0:
             self.check_ortho_loss(router_class)
+
+    def check_loss_targets(self, router_class):
+        """The coefficients that a target will set (left None here, the router calibrates them):
+        a target must be > 0, on a loss the router can train with, and not given with its
+        coefficient (which one would rule?)."""
+        targeted = []
+        for coef_name in ('var_loss_coef', 'ortho_loss_coef'):
+            target_name = coef_name.replace('_coef', '_target')
+            target, coef = getattr(self, target_name), getattr(self, coef_name)
+            if target is None:
+                continue
+            if target <= 0:
+                raise ValueError(f"{target_name}={target} must be > 0 (or None: the fixed {coef_name})")
+            if coef is not None:
+                raise ValueError(f"{coef_name}={coef} and {target_name}={target} both given: the target sets the "
+                                 f"coefficient at the first training step; drop --{coef_name} or --{target_name} "
+                                 f"(=None drops one that came with the weights you start from)")
+            if coef_name in router_class.fixed:
+                raise ValueError(f"router {self.router!r} needs {coef_name}={router_class.fixed[coef_name]}, "
+                                 f"got {target_name}={target}; drop --{target_name} (or pick another router)")
+            targeted.append(coef_name)
+        return targeted
 
     def check_ortho_loss(self, router_class):
         # L_o pairs the top_k outputs of each token (Router.output_losses): every token
@@ -154,7 +184,9 @@ class RouterConfig:
             problem = (f"capacity_factor={self.capacity_factor}, eval_capacity_factor={self.eval_capacity_factor}: "
                        f"a dropped assignment leaves its token fewer than top_k outputs; use None (dropless)")
         if problem:
-            raise ValueError(f"ortho_loss_coef={self.ortho_loss_coef} needs fixed-k token choice without drops: {problem}")
+            setting = ('ortho_loss_coef', self.ortho_loss_coef) if self.ortho_loss_target is None else \
+                ('ortho_loss_target', self.ortho_loss_target)
+            raise ValueError(f"{setting[0]}={setting[1]} needs fixed-k token choice without drops: {problem}")
 
     @property
     def experts_per_token(self):
@@ -168,7 +200,13 @@ class RouterConfig:
             choice = f"top-{self.top_k}" + (f", capacity factor {self.capacity_factor}" if self.capacity_factor else '')
         else:
             choice = f"experts pick tokens, capacity factor {self.capacity_factor}"
-        losses = [f"{name} {getattr(self, name)}" for name in ROUTERS[self.router].loss_settings if getattr(self, name)]
+        losses = []
+        for name in ROUTERS[self.router].loss_settings:
+            target_name = name.replace('_coef', '_target')
+            if getattr(self, target_name, None) is not None:  # the coefficient is not known before step 0
+                losses.append(f"{target_name} {getattr(self, target_name):g}")
+            elif getattr(self, name):
+                losses.append(f"{name} {getattr(self, name)}")
         return f"{self.router}, {self.n_exp} experts, {choice}; losses: {', '.join(losses) or 'none'}"
 
 
@@ -261,8 +299,9 @@ def gatepro_penalize(logits, gate_weight, penalty):
         l'_ti = l_ti - penalty * [l_ti < l_t,j*(i)]
 
     In fp32: a penalty of 1e-4 (the paper's literal value) would round away in bf16.
-    logits [N, E]; returns the penalised logits [N, E] (the gradient of the kept logits
-    is unchanged: the penalty is a constant)."""
+    logits [N, E] (or any per-token scores: gatepro_penalty_on='probs' passes the softmax);
+    returns the penalised scores [N, E] (the gradient of the kept scores is unchanged: the
+    penalty is a constant)."""
     logits = logits.float()
     partner_logits = logits[:, gatepro_partners(gate_weight)]  # [N, E]: l_t,j*(i) in column i
     return logits - penalty * (logits < partner_logits).float()
@@ -339,12 +378,55 @@ class Router(nn.Module):
         self.var_loss_coef = config.var_loss_coef
         self.ortho_loss_coef = config.ortho_loss_coef
         self.ortho_loss_eps = config.ortho_loss_eps
+        self.loss_targets = {'var': config.var_loss_target, 'ortho': config.ortho_loss_target}
+        for name, target in self.loss_targets.items():
+            if target is not None:
+                # the coefficient a target sets (0 = not yet); a buffer, so a resumed run keeps it
+                self.register_buffer(f'{name}_loss_scale', torch.zeros(()))
         self.gate = nn.Linear(config.n_embd, config.n_exp, bias=False) if learned_gate else None
 
     def gate_logits(self, h):
         # fp32 matmul outside autocast: the router is tiny, its precision matters
         with torch.autocast(device_type=h.device.type, enabled=False):
             return F.linear(h.float(), self.gate.weight.float())
+
+    def loss_on(self, name):
+        """Does this router train with loss `name` ('var', 'ortho'): by a target or a coefficient > 0?"""
+        return self.loss_targets[name] is not None or getattr(self, f'{name}_loss_coef') > 0
+
+    def scaled_loss(self, name, loss):
+        """coefficient * loss for Guo et al.'s L_v ('var') or L_o ('ortho'). With a fixed
+        coefficient, just that. With a target (var_loss_target, ortho_loss_target), the idea of
+        the authors' released training code (arXiv 2505.22323; their DeepSeek-MoE model file,
+        configs with targets 1e-3 for L_v and 1e-4 for L_o): the coefficient is not fixed but
+        set at the first training forward to
+
+            coef = target / |loss at that step|   (detached; then kept for the rest of the run)
+
+        so the term starts at magnitude `target`: +target for L_o >= 0, -target for L_v <= 0
+        (coef > 0, so minimising the term still raises the routing variance).
+        This project's reading, and where the authors' code differs:
+        - every MoE layer's router calibrates its own coefficient on its own loss; their code
+          computes one pair of coefficients in the first MoE layer to run and gives every
+          other layer the same values (one model-wide scalar each);
+        - coef is exactly target / |loss|; theirs is rounded to a power of ten;
+        - the loss is the one that trains; theirs calibrates L_o on the gate's rows standing
+          in for expert outputs, and L_v with the unbiased variance.
+        A step-0 loss of exactly 0 (uniform routing, orthogonal outputs) sets nothing: the
+        next training forward tries again. Eval uses the stored coefficient and never sets
+        it, so an eval before the first training step reports the term as 0. Under DDP each
+        rank calibrates on its own first micro-batch (the coefficients differ slightly).
+        No host read: torch.where on a 0-d buffer, so the step compiles to one graph."""
+        target = self.loss_targets[name]
+        if target is None:
+            return getattr(self, f'{name}_loss_coef') * loss
+        scale = getattr(self, f'{name}_loss_scale')
+        if self.training:
+            magnitude = loss.detach().abs()
+            calibrated = torch.where((scale == 0) & (magnitude > 0), target / magnitude, scale)
+            scale.copy_(calibrated)
+            scale = calibrated  # a fresh tensor for the product: the buffer may change before the backward
+        return scale * loss
 
     def standard_losses(self, logits, probs, expert_idx):
         """The losses switched on by coefficient. probs=None: this router balances its load
@@ -354,8 +436,8 @@ class Router(nn.Module):
             losses['aux'] = self.aux_loss_coef * switch_aux_loss(probs, expert_idx, self.n_exp)
         if self.z_loss_coef > 0:
             losses['z'] = self.z_loss_coef * z_loss(logits)
-        if self.var_loss_coef > 0:
-            losses['var'] = self.var_loss_coef * variance_loss(logits)
+        if self.loss_on('var'):
+            losses['var'] = self.scaled_loss('var', variance_loss(logits))
         return losses
 
     def drop_over_capacity(self, routing):
@@ -374,16 +456,16 @@ class Router(nn.Module):
 
     def output_losses(self, routing, expert_out, order):
         """Losses on the experts' raw outputs, which exist only after the experts ran:
-        Guo et al.'s orthogonality loss L_o (ortho_loss) when ortho_loss_coef > 0.
+        Guo et al.'s orthogonality loss L_o (ortho_loss), by ortho_loss_coef or ortho_loss_target.
         expert_out [P, d]: row i is the output for pair order[i] of `routing` (the MoE layer
         runs the pairs sorted by expert). RouterConfig allows L_o only for fixed-k token
         choice without drops, so the P = k*N pairs are choice-major: p = c*N + t."""
-        if not self.ortho_loss_coef:
+        if not self.loss_on('ortho'):
             return {}
         pair_out = expert_out[torch.argsort(order)]  # back to the router's order: argsort inverts a permutation
         n_tokens = routing.logits.size(0)
         per_token = pair_out.view(self.top_k, n_tokens, -1).transpose(0, 1)  # [N, k, d]
-        return {'ortho': self.ortho_loss_coef * ortho_loss(per_token, self.ortho_loss_eps)}
+        return {'ortho': self.scaled_loss('ortho', ortho_loss(per_token, self.ortho_loss_eps))}
 
     def step_finished(self, iter_num, load_counts):
         """Called by the training loop after the optimizer step of iteration iter_num.
@@ -423,8 +505,8 @@ class TopKRouter(Router):
         """The scores the top-k is taken on (GatePro penalises the losers' logits)."""
         return logits
 
-    def forward(self, h, token_ids=None, seq_len=None):
-        logits = self.gate_logits(h)
+    def choose(self, logits):
+        """Each token's k experts [N, k] and their weights [N, k]."""
         choice = self.choice_logits(logits)
         # top-k on logits, not on probabilities: in fp32 the softmax of logits far below the
         # maximum underflows to exactly 0, and top-k would then break those ties by index
@@ -433,6 +515,11 @@ class TopKRouter(Router):
             topk_weight = F.softmax(topk_logit, dim=-1)  # = p_i / sum of the kept p_j
         else:
             topk_weight = F.softmax(choice, dim=-1).gather(1, topk_idx)
+        return topk_idx, topk_weight
+
+    def forward(self, h, token_ids=None, seq_len=None):
+        logits = self.gate_logits(h)
+        topk_idx, topk_weight = self.choose(logits)
         token_idx, expert_idx, weight = flatten_choices(topk_idx, topk_weight)
         losses = self.standard_losses(logits, F.softmax(logits, dim=-1), expert_idx)
         routing = Routing(token_idx, expert_idx, weight, logits.detach(), losses, gate_weight=self.gate.weight.detach())
@@ -457,6 +544,18 @@ class GateProRouter(TopKRouter):
     is taken on l', not on its softmax, whose losers all underflow to 0), with weight ~0.
     The literal 1e-4 only reorders logits within 1e-4 of each other (near-ties), and would
     round away in bf16: it is applied in fp32.
+    gatepro_penalty_on, where lambda acts: 'logits' (default) subtracts it from l = W_g h
+    before any softmax, which is how Algorithm 1 was read when this router was written.
+    The method section could not be reread when the other reading was added (no sentence
+    of it is quoted here), so 'probs' is a knob to compare with, not a ruling: it subtracts
+    lambda from s = softmax(l) over all E, takes the top-k of s', and weighs with s'
+    (clamped at 0; divided by its sum over the k when renormalize). The losers are the
+    same either way (the softmax keeps each token's order); only the scale of the step
+    differs. With the literal 1e-4: p_i - p_m <= p_i (l_i - l_m) for p_m < p_i, so on
+    probabilities a loser i drops below every expert less than 1e-4 / p_i below it in
+    logit, a window 1/p_i times (E times, at uniform routing) wider than on logits. With
+    1e4 both pick the same experts (every loser below every winner) and weigh the winners
+    alike; a chosen loser weighs exactly 0 on probabilities, ~0 on logits.
     Hot-swap: the competition is on for gatepro_start_iter <= iter < gatepro_end_iter
     (None = no end), and outside it the router is exactly topk. The router counts the
     finished training steps itself (step_finished) and keeps the count in the checkpoint.
@@ -467,6 +566,7 @@ class GateProRouter(TopKRouter):
     def __init__(self, config):
         super().__init__(config)
         self.penalty = config.gatepro_penalty
+        self.penalty_on = config.gatepro_penalty_on
         self.start_iter = config.gatepro_start_iter
         self.end_iter = config.gatepro_end_iter
         # the iteration the next forward belongs to (training steps finished so far): a buffer,
@@ -490,8 +590,25 @@ class GateProRouter(TopKRouter):
         return on if self.end_iter is None else on & (self.iter_num < self.end_iter)
 
     def choice_logits(self, logits):
+        if self.penalty_on == 'probs':
+            return logits  # the top-k of the plain logits, for outside the window (choose)
         # outside the window the plain logits, exactly; torch.where, not an if, keeps one graph
         return torch.where(self.competing(), gatepro_penalize(logits, self.gate.weight, self.penalty), logits)
+
+    def choose(self, logits):
+        topk_idx, topk_weight = super().choose(logits)
+        if self.penalty_on == 'logits':
+            return topk_idx, topk_weight
+        # lambda on the probabilities: the losers are the same (softmax keeps each token's
+        # order), only the step is on another scale. A chosen loser whose probability is below
+        # lambda weighs 0; the sum is > 0, as the token's argmax always wins
+        scores = gatepro_penalize(F.softmax(logits, dim=-1), self.gate.weight, self.penalty)
+        score, idx = torch.topk(scores, self.top_k, dim=-1)
+        weight = score.clamp(min=0)
+        if self.renormalize:
+            weight = weight / weight.sum(dim=-1, keepdim=True)
+        competing = self.competing()
+        return torch.where(competing, idx, topk_idx), torch.where(competing, weight, topk_weight)
 
 
 class OrthoVarRouter(TopKRouter):
@@ -502,11 +619,13 @@ class OrthoVarRouter(TopKRouter):
     (ortho_loss_coef = beta) is ortho_loss on the experts' outputs, so the router computes
     it in output_losses, after the experts ran. Both are Router features that work with
     any fixed-k token-choice router; this one only turns them on by default.
-    Defaults beta = 0.1, gamma = 0.3: the paper's released configs calibrate beta and gamma
+    Defaults beta = 0.1, gamma = 0.3: the authors' released code calibrates beta and gamma
     so that the initial terms are about 1e-4 and 1e-3, and on the default model these
     values give 1e-4 and 9e-4 at step 0; in our short sweep (RESULTS.md) they beat plain
-    topk, while 10x both made the routing one-hot and collapsed. alpha = aux_loss_coef and
-    the z-loss stay topk's (0.01 and 0.001; the paper's configs use alpha = 0.001).
+    topk, while 10x both made the routing one-hot and collapsed. ortho_loss_target and
+    var_loss_target calibrate them instead (Router.scaled_loss: each term starts at its
+    target). alpha = aux_loss_coef and the z-loss stay topk's (0.01 and 0.001; the paper's
+    configs use alpha = 0.001).
     """
     defaults = {**TopKRouter.defaults, 'ortho_loss_coef': 0.1, 'var_loss_coef': 0.3}
 

@@ -6,11 +6,14 @@ import math
 import pytest
 import torch
 
+from checkpoint import load_start_weights
+from fast_experts import grouped_mm
 from metrics import gate_cos_sim, pair_coactivation
-from model import GPTConfig
+from model import GPT, GPTConfig
 from routers import (ROUTERS, Routing, build_router, capacity_keep_mask, expert_capacity, flatten_choices,
                      gatepro_partners, gatepro_penalize, ortho_loss, sequence_balance_loss, switch_aux_loss,
                      variance_loss, z_loss)
+from system import HostSyncCounter
 
 
 def router_config(**overrides):
@@ -344,6 +347,57 @@ def test_gatepro_balance_loss_uses_unpenalised_probs_and_actual_assignments():
     assert r.losses['aux'].item() == pytest.approx(1.18073, abs=1e-5)
 
 
+def four_experts_in_two_pairs(**overrides):
+    """Gate rows w0 = e0, w1 = e0 + 0.1 e1, w2 = e2, w3 = e2 + 0.1 e3: cos(w0, w1) = cos(w2, w3)
+    = 1/sqrt(1.01) = 0.995 and every other pair is orthogonal, so j*(0) = 1, j*(1) = 0,
+    j*(2) = 3, j*(3) = 2. h is chosen so that the logits are l = [3, 0.001, 0, -1]."""
+    router = build_router(router_config(**{**dict(n_embd=4, n_exp=4, top_k=2, router='gatepro'), **overrides}))
+    set_gate(router, [[1, 0, 0, 0], [1, 0.1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 0.1]])
+    # l0 = h0 = 3; l1 = h0 + 0.1 h1 = 0.001 -> h1 = -29.99; l2 = h2 = 0; l3 = h2 + 0.1 h3 = -1 -> h3 = -10
+    return router, torch.tensor([[3.0, -29.99, 0.0, -10.0]])
+
+
+def test_gatepro_lambda_on_probabilities_by_hand():
+    # The readings differ only where a loser falls below a lower WINNER on one scale and not on the
+    # other (two losers move together). A winner below a loser needs its partner below itself, so
+    # with 3 experts (a > loser > that winner) it cannot happen, nor at top-1 (the argmax always wins):
+    # 4 experts, top-2.
+    # losers: 1 (l1 = 0.001 < l0 = 3) and 3 (l3 = -1 < l2 = 0); 0 and 2 win.
+    # softmax: exp = [20.0855, 1.0010, 1.0, 0.3679], sum 22.4544 -> p = [0.89450, 0.044580, 0.044535, 0.016383]
+    # lambda = 1e-4 on logits: l1' = 0.0009 > l2 = 0, so the top-2 stays {0, 1};
+    # on probabilities: p1' = 0.044480 < p2 = 0.044535 (p1 - p2 = 4.46e-5 < 1e-4), so it is {0, 2}
+    # weights, renormalised: logits {0, 1}: softmax([3, 0.0009]) = 20.0855 / (20.0855 + 1.0009) = 0.95254, 0.04746;
+    # probs {0, 2}: p0 / (p0 + p2) = 20.0855 / 21.0855 = 0.95257, 0.04743
+    for penalty_on, experts, weights in (('logits', [0, 1], [0.95254, 0.04746]), ('probs', [0, 2], [0.95257, 0.04743])):
+        router, h = four_experts_in_two_pairs(gatepro_penalty=1e-4, gatepro_penalty_on=penalty_on)
+        r = router(h)
+        assert r.expert_idx.tolist() == experts, penalty_on
+        torch.testing.assert_close(r.weight, torch.tensor(weights), atol=1e-4, rtol=0)
+    # lambda = 1e4: every loser below every winner on either scale, so both pick {0, 2} with the same weights
+    for penalty_on in ('logits', 'probs'):
+        router, h = four_experts_in_two_pairs(gatepro_penalty=1e4, gatepro_penalty_on=penalty_on)
+        r = router(h)
+        assert r.expert_idx.tolist() == [0, 2], penalty_on
+        torch.testing.assert_close(r.weight, torch.tensor([0.95257, 0.04743]), atol=1e-4, rtol=0)
+
+
+def test_gatepro_lambda_on_probabilities_weighs_a_chosen_loser_zero_and_keeps_the_window():
+    # top-3 of the four with lambda = 1e4 on probabilities: winners 0, 2, then the loser of larger
+    # probability, 1, with p1' = p1 - 1e4 < 0 -> weight 0 (raw, renormalize=False); 0 and 2 keep p0, p2
+    router, h = four_experts_in_two_pairs(gatepro_penalty=1e4, gatepro_penalty_on='probs', top_k=3, renormalize=False)
+    r = router(h)
+    assert r.expert_idx.tolist() == [0, 2, 1]
+    torch.testing.assert_close(r.weight, torch.tensor([0.89450, 0.044535, 0.0]), atol=1e-4, rtol=0)
+    # before the window opens the router is plain topk: the two largest logits, 0 and 1
+    router, h = four_experts_in_two_pairs(gatepro_penalty=1e4, gatepro_penalty_on='probs', gatepro_start_iter=5)
+    assert router(h).expert_idx.tolist() == [0, 1]
+
+
+def test_gatepro_penalty_on_takes_two_values():
+    with pytest.raises(ValueError, match="gatepro_penalty_on='softmax' must be 'logits' or 'probs'"):
+        router_config(router='gatepro', gatepro_penalty_on='softmax')
+
+
 def test_pair_coactivation_by_hand():
     # tokens 0, 1, 2 pick {0, 1}, {0, 2}, {1, 3}; token 3 got no expert (dropped); partners 0<->1, 2<->3.
     # Expert 0 is with its partner 1 in token 0 alone: 1 of 4 tokens; expert 1 the same;
@@ -630,6 +684,122 @@ def test_ortho_var_preset_turns_both_losses_on():
 def test_ortho_loss_refuses_routers_without_fixed_k_pairs(bad, message):
     with pytest.raises(ValueError, match=message):
         router_config(ortho_loss_coef=0.1, **bad)
+
+
+def test_var_loss_target_sets_the_coefficient_at_the_first_training_forward():
+    router = build_router(router_config(n_embd=2, n_exp=2, top_k=1, var_loss_target=1e-3))
+    set_gate(router, [[1, 0], [0, 1]])  # logits = h
+    # as in test_variance_loss_by_hand: L_v([[0, ln 3], [0, 0]]) = -1/32, so gamma = 1e-3 / (1/32) = 0.032
+    r = router(torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]]))
+    assert r.losses['var'].item() == pytest.approx(-1e-3)  # the term starts at -target: minimising raises the variance
+    assert router.var_loss_scale.item() == pytest.approx(0.032)
+    # a second step keeps step 0's gamma: L_v([[0, ln 3], [0, ln 3]]) = -1/16 -> 0.032 * -1/16 = -0.002
+    r = router(torch.tensor([[0.0, math.log(3.0)], [0.0, math.log(3.0)]]))
+    assert r.losses['var'].item() == pytest.approx(-0.002)
+    assert router.var_loss_scale.item() == pytest.approx(0.032)
+
+
+def one_token_pair(first, second):
+    """A Routing of one token with two experts, and its two expert outputs in the router's order."""
+    routing = Routing(torch.tensor([0, 0]), torch.tensor([0, 1]), torch.tensor([0.5, 0.5]), torch.zeros(1, 4))
+    return routing, torch.tensor([first, second]), torch.tensor([0, 1])
+
+
+def test_ortho_loss_target_sets_beta_on_the_first_nonzero_loss():
+    router = build_router(router_config(ortho_loss_target=1e-4))
+    # orthogonal outputs: L_o = 0, nothing to calibrate on; beta stays unset and the term is 0
+    assert router.output_losses(*one_token_pair([1.0, 0.0], [0.0, 1.0]))['ortho'].item() == 0.0
+    assert router.ortho_loss_scale.item() == 0.0
+    # e1 = [1, 0], e2 = [1, 1]: (1 on 2) <e1,e2>/<e2,e2> = 1/2 -> (1/2)^2 * 2 = 0.5; (2 on 1) 1/1 -> 1 * 1 = 1
+    # L_o = 1.5 (less ~1e-6 for eps), beta = 1e-4 / 1.5, the term 1e-4
+    assert router.output_losses(*one_token_pair([1.0, 0.0], [1.0, 1.0]))['ortho'].item() == pytest.approx(1e-4)
+    assert router.ortho_loss_scale.item() == pytest.approx(1e-4 / 1.5, rel=1e-5)
+    # e1 = [2, 0], e2 = [1, 1]: (1 on 2) 2/2 -> 1 * 2 = 2; (2 on 1) 2/4 -> 1/4 * 4 = 1; L_o = 3 -> 3 * 1e-4 / 1.5 = 2e-4
+    term = router.output_losses(*one_token_pair([2.0, 0.0], [1.0, 1.0]))['ortho']
+    assert term.item() == pytest.approx(2e-4, rel=1e-5)
+
+
+def test_an_eval_before_calibration_reports_zero_and_sets_nothing():
+    router = build_router(router_config(n_embd=2, n_exp=2, top_k=1, var_loss_target=1e-3)).eval()
+    set_gate(router, [[1, 0], [0, 1]])
+    h = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])  # L_v = -1/32
+    assert router(h).losses['var'].item() == 0.0 and router.var_loss_scale.item() == 0.0
+    router.train()(h)  # calibrates: gamma = 0.032
+    assert router.eval()(h * 2).losses['var'].item() == pytest.approx(0.032 * variance_loss(h * 2).item())
+    assert router.var_loss_scale.item() == pytest.approx(0.032)
+
+
+def test_a_target_with_its_coefficient_is_an_error_but_a_routers_default_is_not():
+    with pytest.raises(ValueError, match='var_loss_coef=0.3 and var_loss_target=0.001 both given.*--var_loss_coef or'):
+        router_config(router='ortho_var', var_loss_coef=0.3, var_loss_target=1e-3)
+    config = router_config(router='ortho_var', ortho_loss_target=1e-4)  # its default beta = 0.1 is not "given"
+    assert (config.ortho_loss_coef, config.var_loss_coef) == (None, 0.3)
+    assert 'ortho_loss_target 0.0001' in config.describe() and 'var_loss_coef 0.3' in config.describe()
+    assert 'ortho_loss_coef' not in config.describe()
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(var_loss_target=0.0), 'var_loss_target=0.0 must be > 0'),
+    (dict(router='hash', var_loss_target=1e-3), "router 'hash' needs var_loss_coef=0.0, got var_loss_target=0.001"),
+    (dict(router='expert_choice', ortho_loss_target=1e-4), 'ortho_loss_target=0.0001 needs fixed-k token choice'),
+])
+def test_a_target_the_router_cannot_train_with_is_an_error(bad, message):
+    with pytest.raises(ValueError, match=message):
+        router_config(**bad)
+
+
+def calibrated_model():
+    torch.manual_seed(0)
+    model = GPT(router_config(router='ortho_var', n_layer=2, n_embd=16, n_exp=4, top_k=2, expert_impl='plain',
+                              ortho_loss_target=1e-4, var_loss_target=1e-3))
+    X = torch.randint(0, 50, (2, 16))
+    _, _, router_losses, _ = model(X, X)
+    return model, router_losses
+
+
+def test_the_calibrated_coefficients_are_checkpointed_and_a_new_run_sets_them_again():
+    model, router_losses = calibrated_model()
+    # each of the two layers starts at the target: the sums are twice the targets
+    assert router_losses['ortho'].item() == pytest.approx(2e-4) and router_losses['var'].item() == pytest.approx(-2e-3)
+    routers = [moe.router for _, moe in model.moe_layers()]
+    scales = [(r.ortho_loss_scale.item(), r.var_loss_scale.item()) for r in routers]
+    assert all(ortho > 0 and var > 0 for ortho, var in scales) and scales[0] != scales[1]  # one per layer
+    resumed = GPT(model.config)
+    resumed.load_state_dict(model.state_dict())  # init_from=resume
+    assert [(moe.router.ortho_loss_scale.item(), moe.router.var_loss_scale.item())
+            for _, moe in resumed.moe_layers()] == scales
+    new_run = GPT(model.config)
+    load_start_weights(new_run, model.state_dict(), 'source')  # a new run from trained weights
+    assert all(moe.router.ortho_loss_scale.item() == 0 and moe.router.var_loss_scale.item() == 0
+               for _, moe in new_run.moe_layers())
+    assert torch.equal(new_run.transformer.h[0].ffn.router.gate.weight, model.transformer.h[0].ffn.router.gate.weight)
+
+
+@pytest.mark.skipif(grouped_mm is None, reason=f"torch {torch.__version__} has no grouped_mm")
+def test_calibration_compiles_to_one_graph_and_reads_nothing_back():
+    torch.manual_seed(0)
+    config = router_config(router='ortho_var', n_layer=1, n_embd=16, n_exp=4, top_k=2, expert_impl='grouped',
+                           ortho_loss_target=1e-4, var_loss_target=1e-3)
+    model, eager = GPT(config), GPT(config)
+    eager.load_state_dict(model.state_dict())
+    batches = [torch.randint(0, 50, (2, 16)) for _ in range(2)]
+    with HostSyncCounter('cpu').mark(eager, *batches) as counter:
+        expected = []
+        for X in batches:
+            _, lm_loss, router_losses, _ = eager(X, X)
+            (lm_loss + sum(router_losses.values())).backward()
+            expected.append(router_losses)
+    assert counter.events == []
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    got = [compiled(X, X)[2] for X in batches]  # calibrates in the first call, keeps it in the second
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
+    assert got[0]['ortho'].item() == pytest.approx(1e-4) and got[0]['var'].item() == pytest.approx(-1e-3)
+    assert got[1]['var'].item() != pytest.approx(-1e-3, rel=1e-4)  # another batch, step 0's gamma
+    for losses, eager_losses in zip(got, expected):
+        assert losses['ortho'].item() == pytest.approx(eager_losses['ortho'].item())
+        assert losses['var'].item() == pytest.approx(eager_losses['var'].item())
 
 
 def test_unknown_router_lists_the_names():
