@@ -7,6 +7,8 @@
 #   aux+o+v      + L_o and L_v with fixed beta = 0.1, gamma = 0.3 (ortho_var's defaults)
 #   aux+o        + L_o only (beta = 0.1)
 #   aux+v        + L_v only (gamma = 0.3)
+#   aux+o+v-target  + L_o and L_v with the authors' coefficient rule: beta and gamma set at the
+#                first training step so that the terms start at 1e-4 and 1e-3 (routers.py)
 #   noaux        no balance loss at all: what the balance loss itself does
 # Each run also measures the full mixture's val split (eval_also='domains'): the loss on the
 # four domains it does not train on is what it forgets. First:
@@ -15,12 +17,13 @@
 # then:
 #   python compare.py config/results_ortho_var_posttrain.py --jobs=2
 # writes out-results-ortho-var-posttrain/results.md and its pictures (RESULTS.md has them).
-routers = ['aux', 'aux+o+v', 'aux+o', 'aux+v', 'noaux']
+routers = ['aux', 'aux+o+v', 'aux+o', 'aux+v', 'aux+o+v-target', 'noaux']
 variants = {
     'aux': dict(router='topk'),
     'aux+o+v': dict(router='topk', ortho_loss_coef=0.1, var_loss_coef=0.3),
     'aux+o': dict(router='topk', ortho_loss_coef=0.1),
     'aux+v': dict(router='topk', var_loss_coef=0.3),
+    'aux+o+v-target': dict(router='topk', ortho_loss_target=1e-4, var_loss_target=1e-3),
     'noaux': dict(router='topk', aux_loss_coef=0.0),
 }
 seeds = [1337, 1338, 1339]
