@@ -37,6 +37,23 @@ def all_reduce_stats(stats, device):
     stats.n_passes = int(round(parts[-1].item()))
 
 
+def share_loss_scales(model):
+    """Give every rank rank 0's calibrated loss coefficients (the `*_loss_scale` buffers that
+    ortho_loss_target and var_loss_target set at the first training forward): each rank
+    calibrated on its own first micro-batch, and the ranks must go on with one model.
+    Returns True while some coefficient is still 0 (not yet calibrated: a loss of exactly 0
+    sets nothing), so the caller knows to share again after the next step. A collective:
+    every rank must call it. One host read of a few scalars, after the step."""
+    scales = [buffer for name, buffer in model.named_buffers() if name.endswith('_loss_scale')]
+    if not scales:
+        return False
+    packed = torch.stack(scales)
+    dist.broadcast(packed, 0)
+    for buffer, value in zip(scales, packed):
+        buffer.copy_(value)
+    return bool((packed == 0).any())
+
+
 def _digest(value):
     if isinstance(value, torch.Tensor):
         data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

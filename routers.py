@@ -415,7 +415,8 @@ class Router(nn.Module):
         A step-0 loss of exactly 0 (uniform routing, orthogonal outputs) sets nothing: the
         next training forward tries again. Eval uses the stored coefficient and never sets
         it, so an eval before the first training step reports the term as 0. Under DDP each
-        rank calibrates on its own first micro-batch (the coefficients differ slightly).
+        rank calibrates on its own first micro-batch, and after that step train.py gives every
+        rank rank 0's coefficients (ddp.share_loss_scales): only the first step mixes them.
         No host read: torch.where on a 0-d buffer, so the step compiles to one graph."""
         target = self.loss_targets[name]
         if target is None:

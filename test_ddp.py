@@ -50,3 +50,23 @@ def test_two_ranks_train_exactly_what_one_process_trains(runner, tiny_data, tmp_
     for key in a:
         if torch.is_tensor(a[key]) and a[key].is_floating_point():
             assert torch.allclose(a[key], b[key], atol=1e-5), key
+
+
+def test_loss_targets_give_every_rank_the_same_coefficients(tiny_data, tmp_path):
+    """ortho_loss_target and var_loss_target set each coefficient on the first training
+    forward, and each rank sees its own micro-batch there: without sharing rank 0's
+    coefficients afterwards the ranks would train different models (and the end-of-run
+    check fails the run)."""
+    args = [*TINY, f'--data_dir={tiny_data}', '--router=topk', '--top_k=2', '--ortho_loss_target=1e-4',
+            '--var_loss_target=1e-3', '--gradient_accumulation_steps=2', '--max_iters=3', '--eval_interval=3', '--always_save_checkpoint=True',
+            f'--out_dir={tmp_path}']
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                          os.path.join(REPO, 'train.py'), *args],
+                         capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert 'DDP: all 2 ranks hold the same weights and router state' in ddp.stdout
+    state = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model']
+    scales = {k: v for k, v in state.items() if k.endswith('_loss_scale')}
+    assert len(scales) == 2 * sum(k.endswith('ortho_loss_scale') for k in scales) > 0
+    assert all(v > 0 for v in scales.values())

@@ -37,7 +37,7 @@ from checkpoint import (DATA, EVAL, GPT2_NAMES, NOISE, CheckpointError, Interrup
                         load_pretrained, load_start_weights, nonfinite_report, rng_state, save_checkpoint, seed_for,
                         set_rng_state)
 from configurator import ConfigError, apply_overrides
-from ddp import all_reduce_stats, replicas_differ
+from ddp import all_reduce_stats, replicas_differ, share_loss_scales
 from fast_experts import describe_impl
 from metrics import (CHARACTER_CLASSES, RoutingStats, answer_prompts, character_class, exact_match, loss_by_domain,
                      format_routing_table)
@@ -601,6 +601,7 @@ if save_on_interrupt and not ddp:  # under torchrun, Ctrl-C reaches torchrun too
 # evaluated (and saved when it improves), so a run never ends on a step it did not save
 t0 = time.time()
 local_iter_num = 0
+loss_scales_pending = True  # until every *_loss_scale buffer is calibrated and shared (DDP only)
 running_mfu = -1.0
 while True:
     if interrupt.requested:
@@ -714,6 +715,8 @@ while True:
         load_counts = dict(zip(sorted(load_counts), all_counts))
         step_stats.set_load_counts(load_counts)  # the log's load metrics count the global batch too
     raw_model.step_finished(iter_num, load_counts)
+    if ddp and loss_scales_pending:  # the loss targets' coefficients: rank 0's on every rank
+        loss_scales_pending = share_loss_scales(raw_model)
 
     t1 = time.time()
     dt = t1 - t0
