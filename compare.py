@@ -19,6 +19,9 @@ then from --key=value flags, checked by configurator.py:
   compare_dir a folder per run, compare_dir/<row>-s<seed>, and results.md
   train       {train.py key: value} for every run
   per_router  {router: {train.py key: value}} for that router's runs, after train
+  zero_token_at  iterations at which results.md tabulates the zero-token experts of each
+              row (the logged training step at or last before each): how fast idle experts
+              come back after a switch
   jobs        runs trained at once (each train.py gets OMP_NUM_THREADS = cores // jobs
               unless OMP_NUM_THREADS is set); 1 = one after another
 A variant with 'resume_from': 'base' changes settings part-way through training: its run
@@ -79,6 +82,7 @@ defaults = {
     'per_router': {},  # {router: {train.py keys}} for one router's runs
     'variants': {},  # {row name: {'router': router or 'dense', train.py keys}}
     'jobs': 1,  # train.py processes at once
+    'zero_token_at': [],  # iterations for the table of zero-token experts over training
 }
 # -----------------------------------------------------------------------------
 
@@ -166,6 +170,9 @@ def check_config(config):
             raise ConfigError(f"unknown router {router!r}; available: {', '.join(known)}")
     if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) or len(set(seeds)) != len(seeds):
         raise ConfigError(f"seeds must be a non-empty list of different integers, got {seeds!r}")
+    at = config['zero_token_at']
+    if not isinstance(at, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in at):
+        raise ConfigError(f"zero_token_at must be a list of iterations (integers >= 0), got {at!r}")
     if not config['compare_dir']:
         raise ConfigError("compare_dir must not be empty")
     reserved = {'seed', 'out_dir', 'router'}
@@ -343,8 +350,17 @@ def all_experts_used_iter(train):
     return since
 
 
-def run_stats(lines):
-    """One run's numbers for the tables, from its metrics.jsonl lines; None where absent."""
+def zero_token_at(train, iteration):
+    """zero_token_experts, mean over the MoE layers, of the last logged training step at or
+    before `iteration` (log_interval decides which steps are logged); None when there is
+    none. train: train lines sorted by iteration."""
+    before = [line for line in train if line['iter'] <= iteration]
+    return layer_mean(before[-1], 'zero_token_experts') if before else None
+
+
+def run_stats(lines, zero_token_iters=()):
+    """One run's numbers for the tables, from its metrics.jsonl lines; None where absent.
+    zero_token_iters: the iterations of compare's zero_token_at."""
     train, val = plot.by_iter(lines, 'train'), plot.by_iter(lines, 'val')
     last = val[-1] if val else {}
     # a training step that also ran an eval is timed with the eval (train.py): leave it out
@@ -359,6 +375,8 @@ def run_stats(lines):
         'zero_token_train_mean': training_mean(train, 'zero_token_experts'),
         'dropped_train_mean': training_mean(train, 'dropped_frac'),
     }
+    for iteration in zero_token_iters:
+        stats[f"zero_token_at:{iteration}"] = zero_token_at(train, iteration)
     for key in ('zero_token_experts', 'zero_token_experts_per_batch', 'max_vio', 'routing_variance',
                 'expert_overlap', 'pair_coactivation', 'specialization', 'router_entropy', 'load_cv',
                 'dropped_frac', 'gate_cos_sim', 'gate_angle', 'gate_spectral_entropy'):
@@ -485,6 +503,16 @@ def task_section(routers, stats_by_router):
             table(columns, routers, stats_by_router), '']
 
 
+def zero_token_section(iterations, routers, stats_by_router):
+    """results.md's table of zero-token experts at compare's zero_token_at iterations."""
+    if not iterations:
+        return []
+    columns = [(f"zero_token_at:{i}", f"iter {i}", '.2f') for i in iterations]
+    return ['Zero-token experts over training: zero_token_experts of the logged training step at '
+            '(or last before) each iteration, mean over the MoE layers:', '',
+            table(columns, routers, stats_by_router), '']
+
+
 def cpu_name():
     try:
         with open('/proc/cpuinfo') as f:
@@ -536,6 +564,7 @@ def results_markdown(config, runs, stats, walls, argv, wall_now, n_trained, plot
         'past capacity_factor, an eval past eval_capacity_factor):', '',
         table(MORE_COLUMNS, routers, stats_by_router), '',
         *task_section(routers, stats_by_router),
+        *zero_token_section(config['zero_token_at'], routers, stats_by_router),
         '## How this was made', '',
         f"Command: `{shell_join(['python', *argv])}`", '',
         'The train.py command of each row (its other seeds differ only in `--seed` and `--out_dir`; '
@@ -661,7 +690,7 @@ def main(argv, prog='compare.py'):
         lines = {name: plot.read_metrics(out_dir) for name, _, _, out_dir, _ in runs}
     except plot.MetricsError as e:
         fail(e)
-    stats = {name: run_stats(run_lines) for name, run_lines in lines.items()}
+    stats = {name: run_stats(run_lines, config['zero_token_at']) for name, run_lines in lines.items()}
     try:
         plot.pyplot()
         has_matplotlib = True

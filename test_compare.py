@@ -128,6 +128,20 @@ def test_task_table_by_hand():
     assert '| b | n/a | n/a | n/a | n/a | n/a |' in section
 
 
+def test_zero_token_at_by_hand():
+    # logged steps 0, 10, 20, 30, 40 with zero-token experts [1, 0], [0, 0], [0, 1], [0, 0], [0, 0]
+    stats = compare.run_stats(metrics_lines(), [0, 5, 20, 25, 100])
+    assert stats['zero_token_at:0'] == 0.5  # (1 + 0) / 2
+    assert stats['zero_token_at:5'] == 0.5  # not logged: the step before it, 0
+    assert stats['zero_token_at:20'] == 0.5 and stats['zero_token_at:25'] == 0.5
+    assert stats['zero_token_at:100'] == 0.0  # the last logged step, 40
+    later = [line for line in metrics_lines() if line['iter'] >= 10]
+    assert compare.run_stats(later, [5])['zero_token_at:5'] is None  # nothing logged by then
+    section = '\n'.join(compare.zero_token_section([0, 100], ['a'], {'a': [stats, stats]}))
+    assert '| router | iter 0 | iter 100 |' in section and '| a | 0.50 ± 0.00 | 0.00 ± 0.00 |' in section
+    assert compare.zero_token_section([], ['a'], {'a': [stats]}) == []
+
+
 def test_all_experts_used_iter_by_hand():
     lines = metrics_lines()
     train = plot.by_iter(lines, 'train')
@@ -312,6 +326,7 @@ def test_config_flags_update_the_dicts(tmp_path):
     (['--seed=3'], "use --seeds=[3]"),
     (['--n_exp=16'], "--train=\"{'n_exp': 16}\""),
     (['--jobs=0'], 'jobs must be an integer >= 1'),
+    (['--zero_token_at=[300, -1]'], 'zero_token_at must be a list of iterations (integers >= 0)'),
     (["--variants={'topk': {'router': 'topk'}}"], "variant name 'topk' must be a new name"),
     (["--variants={'k1': {'top_k': 1}}"], "variants['k1'] needs 'router'"),
     (["--variants={'k1': {'router': 'topk', 'seed': 1}}"], "variants['k1'] sets 'seed'"),

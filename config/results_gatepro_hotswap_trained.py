@@ -27,4 +27,5 @@ variants = {
     'gatepro-on': dict(router='gatepro', gatepro_start_iter=_switch_iter, resume_from='topk-base'),
     'aux-on': dict(router='gatepro', gatepro_start_iter=_never, aux_loss_coef=0.01, resume_from='topk-base'),
 }
+zero_token_at = [0, 100, 200, 300, 310, 350, 400, 500, 600, 900]  # results.md: how fast they come back
 compare_dir = 'out-results-gatepro-hotswap-trained'

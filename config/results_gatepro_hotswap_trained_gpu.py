@@ -12,4 +12,5 @@ _switch_iter, _end_iter = 1000, 3000
 train = {**train, **_gpu, 'max_iters': _end_iter, 'lr_decay_iters': _end_iter}
 variants['topk-base']['max_iters'] = _switch_iter
 variants['gatepro-on']['gatepro_start_iter'] = _switch_iter
+zero_token_at = [0, 500, 1000, 1010, 1050, 1100, 1250, 1500, 2000, 3000]
 compare_dir = 'out-results-gatepro-hotswap-trained-gpu'
