@@ -95,6 +95,9 @@ class RouterConfig:
     renormalize: Optional[bool] = None  # top-k weights divided by their sum (Mixtral) or not (OLMoE)
     # losses by coefficient, None = the router's default (see each class and the README's table)
     aux_loss_coef: Optional[float] = None  # Switch balance loss, Fedus et al. 2021 sec. 2.2
+    # the balance loss per sequence, averaged over the batch (DeepSeekMoE's sequence-wise
+    # balance loss, which Guo et al.'s released configs train with); False = over the batch
+    aux_loss_per_sequence: bool = False
     z_loss_coef: Optional[float] = None  # router z-loss, Zoph et al. 2022 (ST-MoE) sec. 3.1
     var_loss_coef: Optional[float] = None  # gamma of Guo et al. 2025: variance of each token's routing softmax
     ortho_loss_coef: Optional[float] = None  # beta of Guo et al. 2025: orthogonality of the selected experts' outputs
@@ -149,6 +152,9 @@ class RouterConfig:
             self.eval_capacity_factor = self.capacity_factor
         if self.ortho_loss_target is not None or self.ortho_loss_coef > 0:
             self.check_ortho_loss(router_class)
+        if self.aux_loss_per_sequence and not issubclass(router_class, TopKRouter):
+            raise ValueError(f"aux_loss_per_sequence=True: router {self.router!r} has no Switch balance loss "
+                             f"to take per sequence; use topk, gatepro, ortho_var, noisy_topk or switch")
 
     def check_loss_targets(self, router_class):
         """The coefficients that a target will set (left None here, the router calibrates them):
@@ -206,7 +212,8 @@ class RouterConfig:
             if getattr(self, target_name, None) is not None:  # the coefficient is not known before step 0
                 losses.append(f"{target_name} {getattr(self, target_name):g}")
             elif getattr(self, name):
-                losses.append(f"{name} {getattr(self, name)}")
+                per_sequence = ' per sequence' if name == 'aux_loss_coef' and self.aux_loss_per_sequence else ''
+                losses.append(f"{name} {getattr(self, name)}{per_sequence}")
         return f"{self.router}, {self.n_exp} experts, {choice}; losses: {', '.join(losses) or 'none'}"
 
 
@@ -374,6 +381,7 @@ class Router(nn.Module):
         self.capacity_factor = config.capacity_factor
         self.eval_capacity_factor = config.eval_capacity_factor
         self.aux_loss_coef = config.aux_loss_coef
+        self.aux_loss_per_sequence = config.aux_loss_per_sequence
         self.z_loss_coef = config.z_loss_coef
         self.var_loss_coef = config.var_loss_coef
         self.ortho_loss_coef = config.ortho_loss_coef
@@ -429,12 +437,22 @@ class Router(nn.Module):
             scale = calibrated  # a fresh tensor for the product: the buffer may change before the backward
         return scale * loss
 
-    def standard_losses(self, logits, probs, expert_idx):
+    def standard_losses(self, logits, probs, expert_idx, seq_len=None):
         """The losses switched on by coefficient. probs=None: this router balances its load
-        another way (expert choice, DeepSeek-V3's bias), so no Switch balance loss."""
+        another way (expert choice, DeepSeek-V3's bias), so no Switch balance loss.
+        aux_loss_per_sequence: the same E * sum_i f_i P_i, but f and P counted within each
+        sequence of seq_len tokens and the B results averaged (DeepSeekMoE, arXiv 2401.06066,
+        and DeepSeek-V3 eqs. 17-20: sequence_balance_loss below). A batch can be balanced
+        while each sequence leans on a few experts; this form asks every sequence to spread.
+        expert_idx must then hold exactly top_k pairs per token, choice-major."""
         losses = {}
         if self.aux_loss_coef > 0 and probs is not None:
-            losses['aux'] = self.aux_loss_coef * switch_aux_loss(probs, expert_idx, self.n_exp)
+            if self.aux_loss_per_sequence:
+                topk_idx = expert_idx.view(self.top_k, -1).t()  # choice-major pairs -> [N, k]
+                # no seq_len given (a router called on its own): the N tokens are one sequence
+                losses['aux'] = self.aux_loss_coef * sequence_balance_loss(probs, topk_idx, seq_len or probs.size(0))
+            else:
+                losses['aux'] = self.aux_loss_coef * switch_aux_loss(probs, expert_idx, self.n_exp)
         if self.z_loss_coef > 0:
             losses['z'] = self.z_loss_coef * z_loss(logits)
         if self.loss_on('var'):
@@ -522,7 +540,7 @@ class TopKRouter(Router):
         logits = self.gate_logits(h)
         topk_idx, topk_weight = self.choose(logits)
         token_idx, expert_idx, weight = flatten_choices(topk_idx, topk_weight)
-        losses = self.standard_losses(logits, F.softmax(logits, dim=-1), expert_idx)
+        losses = self.standard_losses(logits, F.softmax(logits, dim=-1), expert_idx, seq_len)
         routing = Routing(token_idx, expert_idx, weight, logits.detach(), losses, gate_weight=self.gate.weight.detach())
         return self.drop_over_capacity(routing)
 
@@ -731,7 +749,9 @@ def sequence_balance_loss(scores, topk_idx, seq_len):
                             P_i = (1/T) sum_t s_ti / sum_j s_tj
 
     scores [N, E]: the sigmoid affinities, tokens in sequence order; topk_idx [N, k]: the
-    top-k of the scores themselves (eq. 18), not the bias-chosen experts.
+    top-k of the scores themselves (eq. 18), not the bias-chosen experts. Top-k softmax
+    routers with aux_loss_per_sequence pass their softmax (already summing to 1) and the
+    experts they picked: per sequence, exactly the Switch loss E * sum_i f_i P_i.
     Equals 1 when both are uniform; the gradient flows through P only."""
     N, n_exp = scores.shape
     k = topk_idx.size(1)

@@ -38,6 +38,27 @@ def test_switch_aux_loss_by_hand():
     assert switch_aux_loss(probs3, torch.tensor([0, 1, 0, 2]), 3).item() == pytest.approx(1.0)
 
 
+def test_balance_loss_per_sequence_by_hand():
+    # E = 2, top-1, two sequences of T = 2 tokens; gate = identity on h = log(probs), so the
+    # router's softmax is exactly these probabilities:
+    #   sequence 0: (0.9, 0.1), (0.6, 0.4): both pick expert 0: f = E/(kT) * (2, 0) = (2, 0),
+    #               P = (0.75, 0.25) -> sum f P = 1.5
+    #   sequence 1: (0.2, 0.8) picks 1, (0.7, 0.3) picks 0: f = (1, 1), P = (0.45, 0.55) -> 1.0
+    # per sequence: (1.5 + 1.0) / 2 = 1.25; over the batch (Switch): f = (3/4, 1/4),
+    # P = (0.6, 0.4) -> 2 * (0.45 + 0.1) = 1.1
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.7, 0.3]])
+    for per_sequence, expected in ((True, 1.25), (False, 1.1)):
+        router = build_router(router_config(n_embd=2, n_exp=2, top_k=1, aux_loss_coef=0.5, z_loss_coef=0.0,
+                                            aux_loss_per_sequence=per_sequence))
+        with torch.no_grad():
+            router.gate.weight.copy_(torch.eye(2))
+        routing = router(probs.log(), seq_len=2)
+        assert routing.losses['aux'].item() == pytest.approx(0.5 * expected, abs=1e-6), per_sequence
+    with pytest.raises(ValueError, match='aux_loss_per_sequence=True: router .expert_choice. has no Switch'):
+        router_config(router='expert_choice', aux_loss_per_sequence=True)
+    assert 'aux_loss_coef 0.01 per sequence' in router_config(aux_loss_per_sequence=True).describe()
+
+
 def test_z_loss_by_hand():
     # logsumexp([0, 0]) = ln 2; logsumexp([ln 3, 0]) = ln 4 = 2 ln 2
     # mean of squares = (ln2^2 + 4 ln2^2) / 2 = 2.5 ln2^2

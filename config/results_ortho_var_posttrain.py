@@ -10,6 +10,9 @@
 #   aux+o+v-target  + L_o and L_v with the authors' coefficient rule: beta and gamma set at the
 #                first training step so that the terms start at 1e-4 and 1e-3 (routers.py)
 #   noaux        no balance loss at all: what the balance loss itself does
+#   seqaux       the balance loss of the authors' released configs instead: per sequence
+#                (aux_loss_per_sequence, DeepSeekMoE's form) with their alpha = 0.001
+#   seqaux+o+v   that balance loss + L_o and L_v (beta = 0.1, gamma = 0.3)
 # Each run also measures the full mixture's val split (eval_also='domains'): the loss on the
 # four domains it does not train on is what it forgets. First:
 #   python data/domains/prepare.py --only=arithmetic --out_dir=data/domains_arithmetic
@@ -17,7 +20,7 @@
 # then:
 #   python compare.py config/results_ortho_var_posttrain.py --jobs=2
 # writes out-results-ortho-var-posttrain/results.md and its pictures (RESULTS.md has them).
-routers = ['aux', 'aux+o+v', 'aux+o', 'aux+v', 'aux+o+v-target', 'noaux']
+routers = ['aux', 'aux+o+v', 'aux+o', 'aux+v', 'aux+o+v-target', 'noaux', 'seqaux', 'seqaux+o+v']
 variants = {
     'aux': dict(router='topk'),
     'aux+o+v': dict(router='topk', ortho_loss_coef=0.1, var_loss_coef=0.3),
@@ -25,6 +28,9 @@ variants = {
     'aux+v': dict(router='topk', var_loss_coef=0.3),
     'aux+o+v-target': dict(router='topk', ortho_loss_target=1e-4, var_loss_target=1e-3),
     'noaux': dict(router='topk', aux_loss_coef=0.0),
+    'seqaux': dict(router='topk', aux_loss_coef=0.001, aux_loss_per_sequence=True),
+    'seqaux+o+v': dict(router='topk', aux_loss_coef=0.001, aux_loss_per_sequence=True,
+                       ortho_loss_coef=0.1, var_loss_coef=0.3),
 }
 seeds = [1337, 1338, 1339]
 compare_dir = 'out-results-ortho-var-posttrain'
