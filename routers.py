@@ -644,7 +644,7 @@ class OrthoVarRouter(TopKRouter):
     topk, while 10x both made the routing one-hot and collapsed. ortho_loss_target and
     var_loss_target calibrate them instead (Router.scaled_loss: each term starts at its
     target). alpha = aux_loss_coef and the z-loss stay topk's (0.01 and 0.001; the paper's
-    configs use alpha = 0.001).
+    configs use alpha = 0.001 on the sequence-wise balance loss: aux_loss_per_sequence).
     """
     defaults = {**TopKRouter.defaults, 'ortho_loss_coef': 0.1, 'var_loss_coef': 0.3}
 

@@ -2,7 +2,7 @@
 # default dataset, in the layout of Guo et al.'s (arXiv 2505.22323) released configs scaled
 # down: routed experts plus an always-on shared one (64 routed, 2 shared, top-6 there; 16
 # routed, 1 shared, top-4 here), top-k with the Switch balance loss (0.01) and the z-loss.
-#   python train.py config/posttrain_pretrain.py        (about 4 minutes on a 2-core CPU)
+#   python train.py config/posttrain_pretrain.py        (about 2 minutes on a 2-core CPU)
 # writes out-posttrain-pretrain/ckpt.pt, which every fine-tuning run starts from.
 out_dir = 'out-posttrain-pretrain'
 dataset = 'domains'

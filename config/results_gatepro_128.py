@@ -7,7 +7,7 @@
 # token per training step, one panel per layer, as the paper draws it.
 #   python compare.py config/results_gatepro_128.py --jobs=2
 # writes out-results-gatepro-128/results.md and its pictures (RESULTS.md has them). About
-# 30 minutes on a 2-core CPU. On a GPU, the same at a larger size: results_gatepro_128_gpu.py.
+# 15 minutes on a 2-core CPU. On a GPU, the same at a larger size: results_gatepro_128_gpu.py.
 import os
 
 exec(open(os.path.join(os.path.dirname(__file__), 'results_dead_experts.py')).read())
