@@ -208,6 +208,18 @@ def test_fine_tune_an_moe_on_one_domain(runner, domains_data, tmp_path):
     checkpoint = torch.load(os.path.join(finetuned, 'ckpt.pt'), weights_only=True)
     assert checkpoint['model_args']['gatepro_penalty'] == 1e-4  # a router knob may change
     assert checkpoint['model_args']['router'] == 'gatepro' and checkpoint['iter_num'] == 2
+    # a loss target replaces the coefficient the source trained with (its var_loss_coef = 0.0),
+    # and a coefficient replaces the source's target: neither is "both given"
+    targeted, fixed = str(tmp_path / 'targeted'), str(tmp_path / 'fixed')
+    result = runner.run([*TINY, f'--data_dir={narrow}', f'--init_from={pretrained}', f'--out_dir={targeted}',
+                         '--max_iters=1', '--eval_interval=1', '--eval_answers=0', '--var_loss_target=1e-3',
+                         '--ortho_loss_target=1e-4'])
+    assert result.returncode == 0, result.stderr
+    assert 'var_loss_target 0.001' in result.stdout and 'ortho_loss_target 0.0001' in result.stdout
+    result = runner.run([*TINY, f'--data_dir={narrow}', f'--init_from={targeted}', f'--out_dir={fixed}',
+                         '--max_iters=1', '--eval_interval=1', '--eval_answers=0', '--var_loss_coef=0.2'])
+    assert result.returncode == 0, result.stderr
+    assert 'var_loss_coef 0.2' in result.stdout and 'ortho_loss_target 0.0001' in result.stdout
 
 
 @pytest.mark.parametrize('args, fragments', [

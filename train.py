@@ -404,8 +404,13 @@ elif pretrained:
                 fail(f"{k}={model_args[k]} differs from {k}={source_args.get(k)} of {source}, an MoE whose "
                      f"experts keep their shapes; drop --{k}")
         if model_args['router'] == source_args.get('router'):  # the same router: its settings too, unless given
+            # a loss target given replaces the source's coefficient of that loss, and a coefficient its target
+            replaced = set()
+            for coef in ('var_loss_coef', 'ortho_loss_coef'):
+                target = coef.replace('_coef', '_target')
+                replaced |= {coef} if target in user_keys else {target} if coef in user_keys else set()
             for f in fields(RouterConfig):
-                if f.name not in user_keys and f.name in source_args:
+                if f.name not in user_keys and f.name not in replaced and f.name in source_args:
                     model_args[f.name] = source_args[f.name]
 try:
     gptconf = GPTConfig(**model_args)
