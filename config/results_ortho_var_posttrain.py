@@ -13,6 +13,7 @@
 #   seqaux       the balance loss of the authors' released configs instead: per sequence
 #                (aux_loss_per_sequence, DeepSeekMoE's form) with their alpha = 0.001
 #   seqaux+o+v   that balance loss + L_o and L_v (beta = 0.1, gamma = 0.3)
+#   pretrained   no step at all (max_iters=0): the starting point, evaluated as the others are
 # Each run also measures the full mixture's val split (eval_also='domains'): the loss on the
 # four domains it does not train on is what it forgets. First:
 #   python data/domains/prepare.py --only=arithmetic --out_dir=data/domains_arithmetic
@@ -20,7 +21,7 @@
 # then:
 #   python compare.py config/results_ortho_var_posttrain.py --jobs=2
 # writes out-results-ortho-var-posttrain/results.md and its pictures (RESULTS.md has them).
-routers = ['aux', 'aux+o+v', 'aux+o', 'aux+v', 'aux+o+v-target', 'noaux', 'seqaux', 'seqaux+o+v']
+routers = ['aux', 'aux+o+v', 'aux+o', 'aux+v', 'aux+o+v-target', 'noaux', 'seqaux', 'seqaux+o+v', 'pretrained']
 variants = {
     'aux': dict(router='topk'),
     'aux+o+v': dict(router='topk', ortho_loss_coef=0.1, var_loss_coef=0.3),
@@ -31,6 +32,7 @@ variants = {
     'seqaux': dict(router='topk', aux_loss_coef=0.001, aux_loss_per_sequence=True),
     'seqaux+o+v': dict(router='topk', aux_loss_coef=0.001, aux_loss_per_sequence=True,
                        ortho_loss_coef=0.1, var_loss_coef=0.3),
+    'pretrained': dict(router='topk', max_iters=0),
 }
 seeds = [1337, 1338, 1339]
 compare_dir = 'out-results-ortho-var-posttrain'
