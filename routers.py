@@ -565,10 +565,12 @@ class GateProRouter(TopKRouter):
     round away in bf16: it is applied in fp32.
     gatepro_penalty_on, where lambda acts: 'logits' (default) subtracts it from l = W_g h
     before any softmax, which is how Algorithm 1 was read when this router was written.
-    The method section could not be reread when the other reading was added (no sentence
-    of it is quoted here), so 'probs' is a knob to compare with, not a ruling: it subtracts
-    lambda from s = softmax(l) over all E, takes the top-k of s', and weighs with s'
-    (clamped at 0; divided by its sum over the k when renormalize). The losers are the
+    Which one the paper means is not settled here: when the other reading was added, the
+    copies of the paper this project could reach held its abstract and introduction only,
+    not Algorithm 1, so no sentence of it is quoted and 'probs' is a knob to compare with,
+    not a ruling (RESULTS.md, question 6: at 128 experts the two give the same verdict).
+    'probs' subtracts lambda from s = softmax(l) over all E, takes the top-k of s', and
+    weighs with s' (clamped at 0; divided by its sum over the k when renormalize). The losers are the
     same either way (the softmax keeps each token's order); only the scale of the step
     differs. With the literal 1e-4: p_i - p_m <= p_i (l_i - l_m) for p_m < p_i, so on
     probabilities a loser i drops below every expert less than 1e-4 / p_i below it in

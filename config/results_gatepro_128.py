@@ -14,4 +14,9 @@ exec(open(os.path.join(os.path.dirname(__file__), 'results_dead_experts.py')).re
 
 train = {**train, 'n_layer': 8, 'n_exp': 128, 'top_k': 8, 'max_iters': 600, 'lr_decay_iters': 600,
          'eval_interval': 100, 'eval_iters': 5, 'eval_answers': 0}
+# lambda on the softmax scores instead of the logits (gatepro_penalty_on='probs'): the other
+# reading of the paper's Algorithm 1; it differs from the logits only at the literal 1e-4
+routers = routers + ['gatepro-1e-4-probs-noaux']
+variants = {**variants, 'gatepro-1e-4-probs-noaux': dict(router='gatepro', gatepro_penalty=1e-4,
+                                                         gatepro_penalty_on='probs', aux_loss_coef=0.0)}
 compare_dir = 'out-results-gatepro-128'
