@@ -153,8 +153,9 @@ class RouterConfig:
         if self.ortho_loss_target is not None or self.ortho_loss_coef > 0:
             self.check_ortho_loss(router_class)
         if self.aux_loss_per_sequence and not issubclass(router_class, TopKRouter):
+            top_k_routers = ', '.join(name for name, cls in ROUTERS.items() if issubclass(cls, TopKRouter))
             raise ValueError(f"aux_loss_per_sequence=True: router {self.router!r} has no Switch balance loss "
-                             f"to take per sequence; use topk, gatepro, ortho_var, noisy_topk or switch")
+                             f"to take per sequence; use one of {top_k_routers}")
 
     def check_loss_targets(self, router_class):
         """The coefficients that a target will set (left None here, the router calibrates them):

@@ -13,6 +13,13 @@ from test_checkpoint import TINY, records
 REPO = os.path.dirname(os.path.abspath(__file__))
 
 
+def torchrun(args):
+    """train.py under `torchrun --standalone --nproc_per_node=2`, one thread per rank."""
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           os.path.join(REPO, 'train.py'), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'}, cwd=REPO)
+
+
 def test_two_ranks_train_exactly_what_one_process_trains(runner, tiny_data, tmp_path):
     """Same losses (to 1e-5), same routing metrics (the logged counts are the global
     batch's), and the same DeepSeek-V3 bias on both ranks and in the single process:
@@ -24,10 +31,7 @@ def test_two_ranks_train_exactly_what_one_process_trains(runner, tiny_data, tmp_
     one, two = tmp_path / 'one', tmp_path / 'two'
     result = runner.run([*args, f'--out_dir={one}'])
     assert result.returncode == 0, result.stderr
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          os.path.join(REPO, 'train.py'), *args, f'--out_dir={two}'],
-                         capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    ddp = torchrun([*args, f'--out_dir={two}'])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert 'DDP: all 2 ranks hold the same weights and router state' in ddp.stdout
     assert 'tokens per iteration: 128' in ddp.stdout  # 2 ranks x 1 micro-step x 4 x 16
@@ -57,13 +61,9 @@ def test_loss_targets_give_every_rank_the_same_coefficients(tiny_data, tmp_path)
     forward, and each rank sees its own micro-batch there: without sharing rank 0's
     coefficients afterwards the ranks would train different models (and the end-of-run
     check fails the run)."""
-    args = [*TINY, f'--data_dir={tiny_data}', '--router=topk', '--top_k=2', '--ortho_loss_target=1e-4',
-            '--var_loss_target=1e-3', '--gradient_accumulation_steps=2', '--max_iters=3', '--eval_interval=3', '--always_save_checkpoint=True',
-            f'--out_dir={tmp_path}']
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-                          os.path.join(REPO, 'train.py'), *args],
-                         capture_output=True, text=True, timeout=120, env=env, cwd=REPO)
+    ddp = torchrun([*TINY, f'--data_dir={tiny_data}', '--router=topk', '--top_k=2', '--ortho_loss_target=1e-4',
+                    '--var_loss_target=1e-3', '--gradient_accumulation_steps=2', '--max_iters=3', '--eval_interval=3',
+                    '--always_save_checkpoint=True', f'--out_dir={tmp_path}'])
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     assert 'DDP: all 2 ranks hold the same weights and router state' in ddp.stdout
     state = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model']

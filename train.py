@@ -405,10 +405,9 @@ elif pretrained:
                      f"experts keep their shapes; drop --{k}")
         if model_args['router'] == source_args.get('router'):  # the same router: its settings too, unless given
             # a loss target given replaces the source's coefficient of that loss, and a coefficient its target
-            replaced = set()
-            for coef in ('var_loss_coef', 'ortho_loss_coef'):
-                target = coef.replace('_coef', '_target')
-                replaced |= {coef} if target in user_keys else {target} if coef in user_keys else set()
+            partner = {'var_loss_coef': 'var_loss_target', 'ortho_loss_coef': 'ortho_loss_target'}
+            partner.update({target: coef for coef, target in partner.items()})
+            replaced = {partner[k] for k in user_keys if k in partner}
             for f in fields(RouterConfig):
                 if f.name not in user_keys and f.name not in replaced and f.name in source_args:
                     model_args[f.name] = source_args[f.name]
