@@ -37,6 +37,7 @@ experts a token visits is d -> 4d/top_k -> d: the same active FFN compute per to
 """
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -53,7 +54,7 @@ from metrics import RoutingStats
 from fast_experts import describe_impl
 from model import GPT, MLP, Experts, GPTConfig
 from routers import ROUTERS
-from system import PTDTYPES, HostSyncCounter, autocast_context, keep_freed_memory_on_cpu, peak_flops, pick_device, pick_dtype
+from system import PTDTYPES, autocast_context, keep_freed_memory_on_cpu, peak_flops, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 device = 'cpu'  # 'cpu', 'cuda', 'cuda:1', ...
@@ -526,6 +527,8 @@ def syncs_of_a_step(model, optimizer, tokens):
     """(CUDA's count of synchronising calls, or None on a CPU; HostSyncCounter's events) in
     one training step (forward, backward, clip, AdamW) on the grouped path, after one
     step of warm-up (lazy first-call work is not a step's)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'tests'))
+    from host_syncs import HostSyncCounter  # the tests' counter, the same one that proves the GPU path on a CPU
     set_expert_impl(model, 'grouped')
     train_step(model, optimizer, tokens=tokens)
     state = [t for per_param in optimizer.state.values() for t in per_param.values() if torch.is_tensor(t)]

@@ -1,7 +1,8 @@
 """
 Checkpoints that run no code when loaded, are never half-written, and continue a run
-exactly; and what ends a run early (Ctrl-C, a non-finite loss) without losing the last
-good one. Used by train.py and sample.py.
+exactly; and where a run starts: from scratch, from its own checkpoint (resume), or as a
+new run from trained weights (a checkpoint, upcycled when it is dense; GPT-2). Used by
+train.py and sample.py.
 
 save_checkpoint    write a temporary file in the same folder, flush, fsync, rename: the
                    checkpoint on disk is always the old one or the new one, never a mix
@@ -9,30 +10,30 @@ load_checkpoint    torch.load(weights_only=True): tensors and plain values load,
                    that would need code is refused; every problem is a CheckpointError
                    with a one-line message naming the file
 load_model_state   load_state_dict, with a one-line error when the shapes do not fit
-load_pretrained    the weights a new run starts from (train.py's init_from=PATH or 'gpt2'):
-                   a checkpoint of this project, or a Hugging Face GPT-2 folder, read with
+starting_point     train.py's init_from: the model's arguments, and what to load into it
+                   once it is built (Start: the weights, then the optimizer and counters)
+load_pretrained    the weights a new run starts from (init_from=PATH or 'gpt2'): a
+                   checkpoint of this project, or a Hugging Face GPT-2 folder, read with
                    safetensors (or weights_only), never plain pickle
 load_start_weights load_state_dict for a new run: the routers may differ from the source's
 rng_state          the torch, CUDA, numpy and Python generators, as tensors and numbers
-seed_for           the seeds of one iteration: train.py draws each step's batch and
-                   reseeds the noise (dropout, router jitter and noise) from (seed,
-                   iteration, micro-step), so a resumed run, or a DDP run, draws exactly
-                   what one uninterrupted process draws
-Interrupt          Ctrl-C: finish the step, save, exit; a second Ctrl-C ends at once
-nonfinite_report   which loss part and which router went non-finite
 """
 
 import contextlib
-import math
 import os
 import pickle
 import random
 import re
-import signal
 import warnings
+from dataclasses import dataclass, fields
+from typing import Optional
 
 import numpy as np
 import torch
+
+from dataset import check_tokens
+from model import GPTConfig, gpt2_state_dict, upcycle_state_dict
+from routers import RouterConfig
 
 PLAIN = (bool, int, float, str, type(None))
 
@@ -147,7 +148,183 @@ def load_model_state(model, state_dict, path):
 
 
 # -----------------------------------------------------------------------------
-# starting a new run from trained weights
+# where a run starts
+
+# keys that set parameter shapes: a resumed run takes them from its checkpoint
+SHAPE_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'n_exp', 'moe_every', 'expert_hidden',
+              'n_shared_exp', 'router')
+
+
+@dataclass
+class Start:
+    """Where a run starts (starting_point). model_args: GPTConfig's arguments. Once the model
+    is built, load_weights puts the starting weights in it, and once the optimizer is,
+    load_training_state continues a resumed run's optimizer, loss scaler and generators.
+    The counters are a resumed run's (a new run starts them at 0)."""
+    init_from: str
+    model_args: dict
+    source: str = ''  # the file or folder the weights come from
+    checkpoint: Optional[dict] = None  # resume: the whole checkpoint
+    weights: Optional[dict] = None  # a new run from trained weights: the source's state dict
+    upcycle: bool = False  # a dense source into an MoE: every expert a copy of its MLP
+    upcycle_noise: float = 0.0
+    upcycle_drop_ratio: float = 0.0
+    iter_num: int = 0
+    best_val_loss: float = 1e9
+    skipped_steps: int = 0  # steps skipped for a non-finite loss, over the whole run
+    evaluated: bool = False  # saved right after the eval of iter_num: a resumed run does not evaluate again
+
+    def load_weights(self, model, seed):
+        """The starting weights into the freshly built model (nothing from scratch); one line
+        says where they came from. Raises CheckpointError or ValueError (one line)."""
+        if self.checkpoint is not None:
+            load_model_state(model, self.checkpoint['model'], self.source)
+            print(f"resuming from {self.source} at iter {self.iter_num}")
+        elif self.weights is not None:
+            state, self.weights = self.weights, None  # free the source's copy once loaded
+            try:
+                if self.upcycle:  # Komatsuzaki et al. 2022: every expert a copy of its layer's MLP, a fresh gate
+                    state = upcycle_state_dict(state, model.config, self.upcycle_noise, self.upcycle_drop_ratio,
+                                               torch.Generator().manual_seed(seed))
+                # a shorter block_size than the source's: keep its first position embeddings (nanoGPT's crop)
+                state['transformer.wpe.weight'] = state['transformer.wpe.weight'][:model.config.block_size]
+                fresh = load_start_weights(model, state, self.source)
+            except KeyError as e:
+                raise CheckpointError(f"{self.source} is damaged: it has no {e}") from None
+            print(f"a new run from {self.source}" + (
+                f": upcycled, every expert of MoE layers {[i for i, _ in model.moe_layers()]} is a copy of its MLP"
+                if self.upcycle else '') + (f"; {len(fresh)} router tensors start fresh" if fresh else ''))
+
+    def load_training_state(self, optimizer, scaler):
+        """A resumed run's optimizer, loss scaler and random generators (nothing otherwise)."""
+        checkpoint, self.checkpoint = self.checkpoint, None  # free memory
+        if checkpoint is None:
+            return
+        try:
+            optimizer.load_state_dict(checkpoint['optimizer'])
+            if scaler.is_enabled() and checkpoint.get('scaler'):
+                scaler.load_state_dict(checkpoint['scaler'])
+            if 'rng' in checkpoint:
+                set_rng_state(checkpoint['rng'])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {self.source} is damaged: its optimizer or RNG state does not fit "
+                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def check_init_from(init_from, upcycle_noise, upcycle_drop_ratio):
+    """The settings of where a run starts, checked before anything else is read. Raises
+    ValueError (one line)."""
+    if init_from not in ('scratch', 'resume', *GPT2_NAMES) and not os.path.exists(init_from):
+        raise ValueError(f"init_from={init_from!r} must be 'scratch', 'resume', {', '.join(map(repr, GPT2_NAMES))}, "
+                         f"or the path of a checkpoint (ckpt.pt or its folder) or of a Hugging Face GPT-2 folder; "
+                         f"{init_from} does not exist")
+    if upcycle_noise < 0 or not 0 <= upcycle_drop_ratio <= 1:
+        raise ValueError(f"upcycle_noise={upcycle_noise} must be >= 0 and upcycle_drop_ratio={upcycle_drop_ratio} "
+                         f"between 0 and 1")
+
+
+def starting_point(init_from, out_dir, model_args, user_keys, data, device, eval_only=False, upcycle_noise=0.0,
+                   upcycle_drop_ratio=0.0):
+    """Where the run starts, as a Start. init_from: 'scratch'; 'resume' (out_dir/ckpt.pt: the
+    same run goes on, shape keys from the checkpoint); or a new run from trained weights,
+    at iteration 0 with a fresh optimizer, in its own out_dir, on any dataset with the same
+    vocabulary: a checkpoint path (a dense one into an MoE is upcycled), a Hugging Face
+    GPT-2 folder, or a GPT-2 name. model_args: GPTConfig's arguments from the config;
+    user_keys: the keys the user set (the others may come from the checkpoint); data: the
+    dataset.Dataset the run trains on. Raises CheckpointError or ValueError (one line)."""
+    model_args = dict(model_args, vocab_size=data.vocab_size)  # no meta.pkl: GPT-2's 50257 padded to 50304
+    if init_from == 'scratch':
+        return Start(init_from, model_args)
+    if init_from == 'resume':
+        return _resume(out_dir, model_args, user_keys, data, device, eval_only)
+    return _from_trained(init_from, out_dir, model_args, user_keys, data, device, upcycle_noise, upcycle_drop_ratio)
+
+
+def _resume(out_dir, model_args, user_keys, data, device, eval_only):
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(ckpt_path):
+        raise CheckpointError(f"init_from='resume' but {ckpt_path} does not exist; train first or set --out_dir")
+    # weights_only: a checkpoint that would need code to load is refused, and nothing in it runs
+    checkpoint = load_checkpoint(ckpt_path, device, required=('model', 'optimizer', 'model_args', 'iter_num',
+                                                              'best_val_loss'))
+    saved = checkpoint['model_args']
+    missing = [k for k in (*SHAPE_KEYS, 'vocab_size') if k not in saved]
+    if missing:
+        raise CheckpointError(f"checkpoint {ckpt_path} is damaged: its model_args have no {', '.join(missing)}")
+    # keys that set parameter shapes come from the checkpoint; the rest (coefficients,
+    # capacity, dropout, router windows) may change on resume, e.g. to hot-swap a router
+    for k in SHAPE_KEYS:
+        if k in user_keys and model_args[k] != saved[k]:
+            raise ValueError(f"{k}={model_args[k]} differs from the checkpoint's {k}={saved[k]}; "
+                             f"drop --{k} to resume, or use another --out_dir")
+        model_args[k] = saved[k]
+    if saved['vocab_size'] != model_args['vocab_size']:
+        raise ValueError(f"checkpoint {ckpt_path} has vocab_size={saved['vocab_size']} but dataset "
+                         f"{data.name!r} has vocab_size={model_args['vocab_size']}; resume with the dataset it was "
+                         f"trained on")
+    # evaluated: saved right after this iteration's eval, which is in metrics.jsonl already
+    return Start('resume', model_args, ckpt_path, checkpoint=checkpoint, iter_num=checkpoint['iter_num'],
+                 best_val_loss=checkpoint['best_val_loss'], skipped_steps=checkpoint.get('skipped_steps', 0),
+                 evaluated=checkpoint.get('evaluated', True) and not eval_only)
+
+
+def _from_trained(init_from, out_dir, model_args, user_keys, data, device, upcycle_noise, upcycle_drop_ratio):
+    source, source_args, weights = load_pretrained(init_from, device)
+    source_dir = source if os.path.isdir(source) else os.path.dirname(source)
+    if os.path.realpath(out_dir) == os.path.realpath(source_dir):
+        raise ValueError(f"out_dir={out_dir} holds the weights this run starts from, and a new run would overwrite "
+                         f"them; set another --out_dir (or --init_from=resume to continue that run)")
+    missing = [k for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'n_exp')
+               if k not in source_args]
+    if missing:
+        raise CheckpointError(f"{source} is damaged: its model_args have no {', '.join(missing)}")
+    if data.meta and source_args['vocab_size'] != data.vocab_size:
+        raise ValueError(f"{source} has vocab_size={source_args['vocab_size']} but dataset {data.name!r} has "
+                         f"vocab_size={data.vocab_size}; start from a model trained on the same vocabulary")
+    if not data.meta:  # no vocab_size to compare: the token ids must fit the source's vocabulary
+        for split in ('train', 'val'):
+            check_tokens(data.path(split), source_args['vocab_size'], f"that of {source}")
+    model_args['vocab_size'] = source_args['vocab_size']
+    model_defaults = {f.name: f.default for f in fields(GPTConfig)}
+    for k in ('n_layer', 'n_head', 'n_embd', 'bias', 'gelu_approximate'):
+        value = source_args.get(k, model_defaults[k])
+        if k in user_keys and model_args[k] != value:
+            raise ValueError(f"{k}={model_args[k]} differs from {k}={value} of {source}: a run from trained weights "
+                             f"keeps their shape; drop --{k}")
+        model_args[k] = value
+    if model_args['block_size'] > source_args['block_size']:
+        raise ValueError(f"block_size={model_args['block_size']} is longer than the {source_args['block_size']} "
+                         f"positions of {source}; set --block_size={source_args['block_size']} or less")
+    # the MoE layout is the source's unless given; a dense source with n_exp > 1 is upcycled
+    for k in ('n_exp', 'moe_every', 'expert_hidden', 'n_shared_exp', 'router'):
+        if k not in user_keys and k in source_args:
+            model_args[k] = source_args[k]
+    upcycle = source_args['n_exp'] <= 1 and model_args['n_exp'] > 1
+    if upcycle and model_args['bias']:
+        raise ValueError(f"{source} has biases (bias=True, as GPT-2): upcycling it would need biases in the experts, "
+                         f"which have none; fine-tune it dense (--n_exp=1)")
+    if upcycle and 'expert_hidden' not in user_keys:
+        model_args['expert_hidden'] = 4 * model_args['n_embd']  # the MLP's width: each expert is a copy
+    if (upcycle_noise or upcycle_drop_ratio) and not upcycle:
+        raise ValueError(f"upcycle_noise={upcycle_noise}, upcycle_drop_ratio={upcycle_drop_ratio} apply only when "
+                         f"upcycling, and {source} is {'an MoE' if source_args['n_exp'] > 1 else 'dense'} with "
+                         f"n_exp={source_args['n_exp']} while this run has n_exp={model_args['n_exp']}")
+    if source_args['n_exp'] > 1:
+        for k in ('n_exp', 'moe_every', 'expert_hidden', 'n_shared_exp'):
+            if model_args[k] != source_args.get(k):
+                raise ValueError(f"{k}={model_args[k]} differs from {k}={source_args.get(k)} of {source}, an MoE "
+                                 f"whose experts keep their shapes; drop --{k}")
+        if model_args['router'] == source_args.get('router'):  # the same router: its settings too, unless given
+            replaced = RouterConfig.replaced_by(user_keys)
+            for f in fields(RouterConfig):
+                if f.name not in user_keys and f.name not in replaced and f.name in source_args:
+                    model_args[f.name] = source_args[f.name]
+    return Start(init_from, model_args, source, weights=weights, upcycle=upcycle, upcycle_noise=upcycle_noise,
+                 upcycle_drop_ratio=upcycle_drop_ratio)
+
+
+# -----------------------------------------------------------------------------
+# trained weights: this project's checkpoints, Hugging Face GPT-2
 
 GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # OpenAI's GPT-2 sizes on the Hugging Face hub
 
@@ -211,7 +388,6 @@ def load_pretrained(init_from, map_location='cpu'):
     ckpt.pt, or the folder holding one), a Hugging Face GPT-2 folder (config.json), or one
     of GPT2_NAMES. source names the file or folder the weights came from. Raises
     CheckpointError (one line)."""
-    from model import gpt2_state_dict  # model.py imports nothing from here: no cycle
     if init_from in GPT2_NAMES or is_hf_folder(init_from):
         folder = download_gpt2(init_from) if init_from in GPT2_NAMES else init_from
         try:
@@ -280,53 +456,3 @@ def set_rng_state(state):
     random.setstate((p['version'], tuple(p['state'].tolist()), p['gauss_next']))
     if 'cuda' in state and torch.cuda.is_available() and torch.cuda.device_count() == len(state['cuda']):
         torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
-
-
-DATA, EVAL, NOISE = 0, 1, 2  # the streams seed_for separates
-
-
-def seed_for(seed, iter_num, stream, index=0):
-    """A 64-bit seed for one (iteration, stream, index), mixed from the run's seed by numpy's
-    SeedSequence so that nearby iterations get unrelated streams. train.py seeds the
-    step's batch (DATA), the eval batches (EVAL) and, per micro-step, torch's global
-    generator (NOISE) this way: what a step draws depends on nothing that came before."""
-    entropy = [seed % 2**64, iter_num, stream, index]
-    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
-
-
-# -----------------------------------------------------------------------------
-# stopping
-
-
-class Interrupt:
-    """Ctrl-C (SIGINT) while training. The first one only sets `requested`: the training
-    loop finishes its step, saves a checkpoint and exits. It also restores the default
-    action, so a second Ctrl-C ends the process at once, even inside a long operation
-    (the checkpoint on disk stays whole: saves are atomic)."""
-
-    def __init__(self):
-        self.requested = False
-
-    def install(self):
-        signal.signal(signal.SIGINT, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        # os.write, not print: a print here could re-enter a print the loop was in the middle of
-        os.write(1, b"\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit without saving)\n")
-
-
-def nonfinite_report(iter_num, lm_loss, router_losses, bad_layers, grad_norm=None):
-    """One line on a step whose loss (or gradient) is not finite: every loss part, and the
-    first MoE layer whose router produced non-finite logits.
-    lm_loss: float; router_losses: {name: float}; bad_layers: [layer index] whose router
-    logits were not finite this step, in layer order; grad_norm: float or None."""
-    losses = {'loss': lm_loss, **router_losses}
-    parts = [f"{name} {value:.4g}" for name, value in losses.items()]
-    gradient_only = grad_norm is not None and not math.isfinite(grad_norm) and all(map(math.isfinite, losses.values()))
-    if grad_norm is not None and not math.isfinite(grad_norm):
-        parts.append(f"gradient norm {grad_norm:.4g}")
-    where = (f"first non-finite router logits in layer {bad_layers[0]}" if bad_layers
-             else "router logits finite in every layer")
-    return f"non-finite {'gradient' if gradient_only else 'loss'} at iter {iter_num}: {', '.join(parts)}; {where}"

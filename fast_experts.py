@@ -1,6 +1,6 @@
 """
 Fast implementations of the experts' computation, each equal to the plain loop in
-model.Experts (test_fast_experts.py checks it). A reader learning MoE can skip this file:
+model.Experts (tests/test_fast_experts.py checks it). A reader learning MoE can skip this file:
 it holds what measurement showed was worth the code, not new ideas.
 
   loop:    one matmul per expert with a backward written by hand (ExpertLoop); any device

@@ -142,7 +142,7 @@ def character_class(ch):
 class RoutingStats:
     """Running totals per MoE layer over the forward passes given to add() (the micro-steps
     of a training step, or the batches of an evaluation)."""
-    # the totals that are sums over tokens and passes: under DDP, ddp.py adds them over ranks
+    # the totals that are sums over tokens and passes: under DDP, system.all_reduce_stats adds them over ranks
     SUMMED_TOTALS = ('counts', 'zero_per_pass', 'n_requested', 'n_pairs', 'entropy_sum', 'variance_sum', 'n_tokens',
                      'coactivation_sum', 'overlap_sum', 'overlap_tokens', 'label_counts')
 
@@ -276,58 +276,3 @@ def format_routing_table(rows):
                      f"{row['zero_token_experts']:10d} | {row['max_vio']:7.3f} | "
                      f"{row.get('router_entropy', float('nan')):7.3f} | {row['dropped_frac']:7.3f}")
     return '\n'.join(lines)
-
-
-# -----------------------------------------------------------------------------
-# Task accuracy: whether the model's answer is right, not only how likely the text is
-
-
-def loss_by_domain(token_loss, labels, names, trained):
-    """What a model forgets when it is fine-tuned on some domains: token_loss [n] (the
-    cross-entropy of each predicted token), labels [n] (its domain, an index into names).
-    Returns {'loss': mean over all tokens, 'domain_loss': {name: mean over that domain's
-    tokens} for the domains present, and 'other_domains_loss': mean over the tokens of the
-    domains not in trained}, the last only when there are such tokens."""
-    token_loss, labels = token_loss.double(), labels.long()
-    loss_sum = torch.zeros(len(names), dtype=torch.float64).index_add_(0, labels, token_loss)
-    count = torch.bincount(labels, minlength=len(names)).double()
-    out = {'loss': token_loss.mean().item(),
-           'domain_loss': {name: (loss_sum[i] / count[i]).item() for i, name in enumerate(names) if count[i]}}
-    other = torch.tensor([name not in trained for name in names])
-    if count[other].sum() > 0:
-        out['other_domains_loss'] = (loss_sum[other].sum() / count[other].sum()).item()
-    return out
-
-
-def answer_prompts(tokens, domain_ids, domain, marker, newline, n, context):
-    """Prompts whose right answer is known, from a labelled token stream (data/domains:
-    arithmetic '37+85=' -> '122'). A match is a place where the token ids `marker` occur in
-    a document of domain `domain`; its answer is every token after the marker up to the
-    next `newline` (the datasets' answers never contain their marker), and its prompt the
-    `context` tokens that end with the marker. n matches, spread evenly over the stream,
-    so every evaluation asks the same questions.
-    tokens, domain_ids: 1-D integer tensors of equal length; marker: a list of token ids.
-    Returns (prompts [m, context] long tensor, answers: m lists of token ids), m <= n."""
-    tokens, domain_ids = torch.as_tensor(tokens).long(), torch.as_tensor(domain_ids)
-    width = len(tokens) - len(marker) + 1
-    found = domain_ids[:width] == domain
-    for j, token in enumerate(marker):
-        found &= tokens[j:j + width] == token
-    starts = torch.nonzero(found).flatten() + len(marker)  # where each answer starts
-    newlines = torch.nonzero(tokens == newline).flatten()
-    ends = torch.searchsorted(newlines, starts)  # index of the newline that ends each answer
-    keep = (starts >= context) & (ends < len(newlines))
-    starts, ends = starts[keep], newlines[ends[keep]]
-    if len(starts) > n:
-        pick = torch.linspace(0, len(starts) - 1, n).round().long().unique()
-        starts, ends = starts[pick], ends[pick]
-    prompts = torch.stack([tokens[s - context:s] for s in starts]) if len(starts) else torch.zeros(0, context).long()
-    return prompts, [tokens[s:e].tolist() for s, e in zip(starts, ends)]
-
-
-def exact_match(generated, answers, stop):
-    """Exact-match accuracy: the fraction of the rows whose generated token ids begin with
-    the answer and then `stop` (the newline), so a right answer must also end where it should.
-    generated: per row the ids produced after the prompt; answers: per row the right ids."""
-    right = [list(row[:len(answer) + 1]) == list(answer) + [stop] for row, answer in zip(generated, answers)]
-    return sum(right) / len(right) if right else 0.0

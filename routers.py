@@ -195,6 +195,15 @@ class RouterConfig:
                 ('ortho_loss_target', self.ortho_loss_target)
             raise ValueError(f"{setting[0]}={setting[1]} needs fixed-k token choice without drops: {problem}")
 
+    @staticmethod
+    def replaced_by(given):
+        """The settings that the ones given replace when a run starts from trained weights
+        with the same router (checkpoint.starting_point keeps the source's others): a loss
+        target replaces the source's coefficient of that loss, and a coefficient its target."""
+        pairs = {'var_loss_coef': 'var_loss_target', 'ortho_loss_coef': 'ortho_loss_target'}
+        pairs.update({target: coef for coef, target in pairs.items()})
+        return {pairs[name] for name in given if name in pairs}
+
     @property
     def experts_per_token(self):
         """How many experts a token uses, on average: top_k, or expert choice's capacity
@@ -219,7 +228,9 @@ class RouterConfig:
 
 
 # -----------------------------------------------------------------------------
-# Pure loss functions
+# Pure loss functions, in the order a router meets them: the balance loss (over the batch,
+# or per sequence), the z-loss, Guo et al.'s variance and orthogonality losses; then
+# GatePro's competition, which changes the logits instead of adding a loss
 
 
 def switch_aux_loss(probs, expert_idx, n_exp):
@@ -238,6 +249,30 @@ def switch_aux_loss(probs, expert_idx, n_exp):
     f = counts / counts.sum().clamp(min=1)
     P = probs.mean(dim=0)
     return n_exp * torch.sum(f * P)
+
+
+TINY = torch.finfo(torch.float32).tiny  # the smallest normal fp32: a denominator floor that changes no normal value
+
+
+def sequence_balance_loss(scores, topk_idx, seq_len):
+    """DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437, eqs. 17-20),
+    without its alpha, averaged over the B = N / seq_len sequences:
+
+        L = sum_i f_i P_i,  f_i = E / (k T) * (number of the T tokens with i in their top-k)
+                            P_i = (1/T) sum_t s_ti / sum_j s_tj
+
+    scores [N, E]: the sigmoid affinities, tokens in sequence order; topk_idx [N, k]: the
+    top-k of the scores themselves (eq. 18), not the bias-chosen experts. Top-k softmax
+    routers with aux_loss_per_sequence pass their softmax (already summing to 1) and the
+    experts they picked: per sequence, exactly the Switch loss E * sum_i f_i P_i.
+    Equals 1 when both are uniform; the gradient flows through P only."""
+    N, n_exp = scores.shape
+    k = topk_idx.size(1)
+    chosen = torch.zeros_like(scores).scatter_(1, topk_idx, 1.0).view(-1, seq_len, n_exp)
+    f = chosen.sum(dim=1) * n_exp / (k * seq_len)                                 # [B, E]
+    # clamp: a token whose scores are all below fp32's smallest normal (logits below about -87) would divide 0 by 0
+    P = (scores / scores.sum(dim=-1, keepdim=True).clamp(min=TINY)).view(-1, seq_len, n_exp).mean(dim=1)  # [B, E]
+    return (f * P).sum(dim=-1).mean()
 
 
 def z_loss(logits):
@@ -399,6 +434,28 @@ class Router(nn.Module):
         with torch.autocast(device_type=h.device.type, enabled=False):
             return F.linear(h.float(), self.gate.weight.float())
 
+    def standard_losses(self, logits, probs, expert_idx, seq_len=None):
+        """The losses switched on by coefficient. probs=None: this router balances its load
+        another way (expert choice, DeepSeek-V3's bias), so no Switch balance loss.
+        aux_loss_per_sequence: the same E * sum_i f_i P_i, but f and P counted within each
+        sequence of seq_len tokens and the B results averaged (DeepSeekMoE, arXiv 2401.06066,
+        and DeepSeek-V3 eqs. 17-20: sequence_balance_loss below). A batch can be balanced
+        while each sequence leans on a few experts; this form asks every sequence to spread.
+        expert_idx must then hold exactly top_k pairs per token, choice-major."""
+        losses = {}
+        if self.aux_loss_coef > 0 and probs is not None:
+            if self.aux_loss_per_sequence:
+                topk_idx = expert_idx.view(self.top_k, -1).t()  # choice-major pairs -> [N, k]
+                # no seq_len given (a router called on its own): the N tokens are one sequence
+                losses['aux'] = self.aux_loss_coef * sequence_balance_loss(probs, topk_idx, seq_len or probs.size(0))
+            else:
+                losses['aux'] = self.aux_loss_coef * switch_aux_loss(probs, expert_idx, self.n_exp)
+        if self.z_loss_coef > 0:
+            losses['z'] = self.z_loss_coef * z_loss(logits)
+        if self.loss_on('var'):
+            losses['var'] = self.scaled_loss('var', variance_loss(logits))
+        return losses
+
     def loss_on(self, name):
         """Does this router train with loss `name` ('var', 'ortho'): by a target or a coefficient > 0?"""
         return self.loss_targets[name] is not None or getattr(self, f'{name}_loss_coef') > 0
@@ -425,7 +482,7 @@ class Router(nn.Module):
         next training forward tries again. Eval uses the stored coefficient and never sets
         it, so an eval before the first training step reports the term as 0. Under DDP each
         rank calibrates on its own first micro-batch, and after that step train.py gives every
-        rank rank 0's coefficients (ddp.share_loss_scales): only the first step mixes them.
+        rank rank 0's coefficients (system.share_loss_scales): only the first step mixes them.
         No host read: torch.where on a 0-d buffer, so the step compiles to one graph."""
         target = self.loss_targets[name]
         if target is None:
@@ -437,28 +494,6 @@ class Router(nn.Module):
             scale.copy_(calibrated)
             scale = calibrated  # a fresh tensor for the product: the buffer may change before the backward
         return scale * loss
-
-    def standard_losses(self, logits, probs, expert_idx, seq_len=None):
-        """The losses switched on by coefficient. probs=None: this router balances its load
-        another way (expert choice, DeepSeek-V3's bias), so no Switch balance loss.
-        aux_loss_per_sequence: the same E * sum_i f_i P_i, but f and P counted within each
-        sequence of seq_len tokens and the B results averaged (DeepSeekMoE, arXiv 2401.06066,
-        and DeepSeek-V3 eqs. 17-20: sequence_balance_loss below). A batch can be balanced
-        while each sequence leans on a few experts; this form asks every sequence to spread.
-        expert_idx must then hold exactly top_k pairs per token, choice-major."""
-        losses = {}
-        if self.aux_loss_coef > 0 and probs is not None:
-            if self.aux_loss_per_sequence:
-                topk_idx = expert_idx.view(self.top_k, -1).t()  # choice-major pairs -> [N, k]
-                # no seq_len given (a router called on its own): the N tokens are one sequence
-                losses['aux'] = self.aux_loss_coef * sequence_balance_loss(probs, topk_idx, seq_len or probs.size(0))
-            else:
-                losses['aux'] = self.aux_loss_coef * switch_aux_loss(probs, expert_idx, self.n_exp)
-        if self.z_loss_coef > 0:
-            losses['z'] = self.z_loss_coef * z_loss(logits)
-        if self.loss_on('var'):
-            losses['var'] = self.scaled_loss('var', variance_loss(logits))
-        return losses
 
     def drop_over_capacity(self, routing):
         """Switch sec. 2.2: each expert takes at most `capacity` assignments; the rest are
@@ -538,6 +573,7 @@ class TopKRouter(Router):
         return topk_idx, topk_weight
 
     def forward(self, h, token_ids=None, seq_len=None):
+        # gate_logits, standard_losses and drop_over_capacity: Router, above; flatten_choices: just above
         logits = self.gate_logits(h)
         topk_idx, topk_weight = self.choose(logits)
         token_idx, expert_idx, weight = flatten_choices(topk_idx, topk_weight)
@@ -739,30 +775,6 @@ class ExpertChoiceRouter(Router):
         # the capacity bounds each expert's load already: nothing to drop
         return Routing(token_idx.reshape(-1), expert_idx, weight.reshape(-1), logits.detach(), losses,
                        gate_weight=self.gate.weight.detach())
-
-
-TINY = torch.finfo(torch.float32).tiny  # the smallest normal fp32: a denominator floor that changes no normal value
-
-
-def sequence_balance_loss(scores, topk_idx, seq_len):
-    """DeepSeek-V3's complementary sequence-wise balance loss (arXiv 2412.19437, eqs. 17-20),
-    without its alpha, averaged over the B = N / seq_len sequences:
-
-        L = sum_i f_i P_i,  f_i = E / (k T) * (number of the T tokens with i in their top-k)
-                            P_i = (1/T) sum_t s_ti / sum_j s_tj
-
-    scores [N, E]: the sigmoid affinities, tokens in sequence order; topk_idx [N, k]: the
-    top-k of the scores themselves (eq. 18), not the bias-chosen experts. Top-k softmax
-    routers with aux_loss_per_sequence pass their softmax (already summing to 1) and the
-    experts they picked: per sequence, exactly the Switch loss E * sum_i f_i P_i.
-    Equals 1 when both are uniform; the gradient flows through P only."""
-    N, n_exp = scores.shape
-    k = topk_idx.size(1)
-    chosen = torch.zeros_like(scores).scatter_(1, topk_idx, 1.0).view(-1, seq_len, n_exp)
-    f = chosen.sum(dim=1) * n_exp / (k * seq_len)                                 # [B, E]
-    # clamp: a token whose scores are all below fp32's smallest normal (logits below about -87) would divide 0 by 0
-    P = (scores / scores.sum(dim=-1, keepdim=True).clamp(min=TINY)).view(-1, seq_len, n_exp).mean(dim=1)  # [B, E]
-    return (f * P).sum(dim=-1).mean()
 
 
 class AuxFreeRouter(Router):

@@ -12,8 +12,9 @@ import torch
 
 from checkpoint import CheckpointError, load_checkpoint, load_model_state
 from configurator import ConfigError, apply_overrides
+from dataset import load_meta
 from model import GPT, GPTConfig
-from system import autocast_context, device_type_of, load_meta, pick_device, pick_dtype
+from system import autocast_context, device_type_of, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
 out_dir = 'out'  # where train.py wrote ckpt.pt

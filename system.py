@@ -1,22 +1,16 @@
 """
-What train.py, sample.py and bench.py share about the machine and the data: which device
-and precision to run in, the GPU's peak for MFU, a CPU memory setting, a counter of the
-host syncs a piece of code makes, the dataset's meta.pkl (read without running code) and
-the checks of its .bin files.
+The machine a run uses, shared by train.py, sample.py and bench.py: which device and
+precision to run in, the GPU's peak for MFU, a CPU memory setting, and what keeps the
+processes of a DDP run on one model beyond torch's DistributedDataParallel (DDPSync).
 """
 
 import ctypes
-import os
-import pickle
+import hashlib
 import sys
 from contextlib import nullcontext
 
-import numpy as np
 import torch
-from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakTensorKeyDictionary
+import torch.distributed as dist
 
 PTDTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 
@@ -105,192 +99,130 @@ def keep_freed_memory_on_cpu():
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-class _PlainUnpickler(pickle.Unpickler):
-    """Unpickles dicts, lists, tuples, strings and numbers (which need no lookup) and
-    nothing else: every class or function a pickle names is refused before it is looked
-    up, so no code from the file runs."""
-
-    def find_class(self, module, name):
-        raise _Refused(f"{module}.{name}")
-
-
-class _Refused(pickle.UnpicklingError):
-    pass
-
-
-def load_meta(data_dir):
-    """The dataset's meta.pkl (nanoGPT's format: vocab_size, and stoi/itos for characters or
-    the name of a tiktoken encoding), or None when the folder has none. Only plain values
-    load (_PlainUnpickler); a file that names a class or function, that cannot be read,
-    or that has no integer vocab_size raises ValueError with a one-line message."""
-    path = os.path.join(data_dir, 'meta.pkl')
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, 'rb') as f:
-            meta = _PlainUnpickler(f).load()
-    except _Refused as e:
-        raise ValueError(f"{path} was refused: it names {e}, and meta.pkl may hold only dicts, lists, "
-                         f"strings and numbers (nothing in it was run)") from None
-    except Exception as e:  # truncated, not a pickle, ...
-        detail = str(e).splitlines()[0] if str(e) else 'the file ends early'
-        raise ValueError(f"{path} cannot be read: {type(e).__name__}: {detail}") from None
-    if not isinstance(meta, dict) or type(meta.get('vocab_size')) is not int or meta['vocab_size'] < 1:
-        raise ValueError(f"{path} is not a dataset meta.pkl: it needs a dict with a positive integer vocab_size")
-    return meta
-
-
-def check_tokens(path, vocab_size, vocab_source):
-    """Number of token ids in a .bin file (uint16), after checking that it holds whole ids
-    (an even number of bytes) and that every id fits the vocabulary. One pass over the
-    file through a memmap. Raises ValueError with a one-line message."""
-    size = os.path.getsize(path)
-    if size % 2:
-        raise ValueError(f"{path} has {size} bytes, an odd number: not a whole number of uint16 token ids "
-                         f"(a truncated or foreign file)")
-    if size == 0:
-        return 0
-    max_id = int(np.memmap(path, dtype=np.uint16, mode='r').max())
-    if max_id >= vocab_size:
-        raise ValueError(f"{path} holds token id {max_id}, but the vocabulary has {vocab_size} ids ({vocab_source}); "
-                         f"the .bin files and meta.pkl do not belong together")
-    return size // 2
-
-
 # -----------------------------------------------------------------------------
-# Host syncs: where the CPU waits for the device. On a CPU run nothing waits, so the
-# counter tracks which tensors would live on the device and counts every read of one.
-
-# ops whose output size depends on the data, or that return a Python value: each waits
-# for the device (bincount: to size its output). Also, in _DispatchCounter._waits:
-# repeat_interleave without output_size, and indexing with a boolean mask.
-DATA_DEPENDENT_OPS = {'aten._local_scalar_dense', 'aten.nonzero', 'aten.masked_select', 'aten.unique_dim',
-                      'aten._unique', 'aten._unique2', 'aten.unique_consecutive', 'aten.equal', 'aten.bincount'}
-HOST_READS = {'tolist', 'cpu', 'numpy'}  # Tensor methods that hand the host the data
+# DDP: every rank trains a slice of one global batch; torch's DistributedDataParallel
+# averages the gradients, and DDPSync does the rest, so that every rank ends with the
+# same model and the log describes the global batch
 
 
-class HostSyncCounter:
-    """Counts the host syncs of the code run inside it: reads of a device tensor's values
-    (.item(), float(), bool(), .tolist(), .cpu(), ...), ops whose output shape depends on
-    the data (nonzero, boolean-mask indexing, unique, ...), and copies to the host.
+class DDPSync:
+    """What train.py's loop does under DDP beyond the gradient all-reduce. In one process
+    (ddp=False) every method returns at once and changes nothing.
 
-    On a GPU, the tensors on the GPU. On a CPU run, where every tensor is on the host, a
-    tensor counts as on the device when it was moved there (.to(device)), marked
-    (mark(*tensors or modules): weights made before the counter started), or computed from
-    one, and a read of it counts: this is how a CPU run tells apart what a GPU run would
-    hold on the GPU (weights, activations, losses) from what it keeps on the host (a
-    batch's random offsets, a copy read back). Not seen on a CPU run: a tensor made on
-    the device by a factory (torch.zeros(..., device=device)) and read back before any
-    op combines it with a device tensor. Backward counts too.
-
-        with HostSyncCounter('cpu') as counter:
-            ...
-        counter.events  # [(what, [(file, line, function), ...] innermost first)], one per sync
+    start(raw_model)       once: every rank takes rank 0's buffers (DDP copies parameters only)
+    global_batch(...)      after a step: the logged routing metrics and losses summed over the
+                           ranks on a logging step, else the load counts alone (what the
+                           routers' step_finished learns from: DeepSeek-V3's bias)
+    share_router_state(m)  rank 0's calibrated loss coefficients on every rank, after the
+                           first step that sets them (ortho/var loss targets)
+    finish(raw_model)      at the end: check that every rank holds the same weights and
+                           router state, and leave the process group together
     """
 
-    def __init__(self, device, keep_frames_of=None):
-        self.device_type = torch.device(device).type
-        self.events = []
-        self.on_device = WeakTensorKeyDictionary()
-        self.reading = 0  # inside a counted read (.tolist(), .cpu()): its own copy is not a second sync
-        here = os.path.dirname(os.path.abspath(__file__))
-        self.keep_frames_of = keep_frames_of or here  # frames from files under this folder are recorded
-        self._modes = (_FunctionCounter(self), _DispatchCounter(self))
+    def __init__(self, ddp, world_size, device, master_process):
+        self.ddp, self.world_size, self.device, self.master_process = ddp, world_size, device, master_process
+        self.loss_scales_pending = ddp  # until every *_loss_scale buffer is calibrated and shared
 
-    def mark(self, *items):
-        for item in items:
-            for t in [*item.parameters(), *item.buffers()] if isinstance(item, torch.nn.Module) else [item]:
-                self.on_device[t] = True
-        return self
+    def start(self, raw_model):
+        if self.ddp:
+            for buffer in raw_model.buffers():
+                dist.broadcast(buffer, 0)
 
-    def __enter__(self):
-        for mode in self._modes:
-            mode.__enter__()
-        return self
+    def global_batch(self, stats, lm_loss, log_step, finite):
+        """Returns the step's language-model loss, averaged over the ranks on a logging step.
+        A skipped step (finite=False) routed nothing: its counts are not summed."""
+        if not self.ddp:
+            return lm_loss
+        if log_step:
+            all_reduce_stats(stats, self.device)  # the metrics, losses and counts of the global batch
+            dist.all_reduce(lm_loss)
+            lm_loss /= self.world_size
+            return lm_loss
+        load_counts = stats.load_counts()
+        if finite and load_counts:
+            all_counts = torch.stack([load_counts[layer] for layer in sorted(load_counts)])
+            dist.all_reduce(all_counts)  # the load of the whole global batch
+            stats.set_load_counts(dict(zip(sorted(load_counts), all_counts)))  # the log's load metrics too
+        return lm_loss
 
-    def __exit__(self, *exc):
-        for mode in reversed(self._modes):
-            mode.__exit__(*exc)
+    def share_router_state(self, raw_model):
+        if self.loss_scales_pending:
+            self.loss_scales_pending = share_loss_scales(raw_model)
 
-    def count(self, what=None):
-        return sum(1 for event in self.events if what is None or what in event[0])
-
-    def is_on_device(self, t):
-        return torch.is_tensor(t) and (t.device.type != 'cpu' or (self.device_type == 'cpu' and t in self.on_device))
-
-    def record(self, what):
-        frames, frame = [], sys._getframe(2)
-        while frame is not None:
-            path = frame.f_code.co_filename
-            if path.startswith(self.keep_frames_of) and os.path.basename(path) != 'system.py':
-                frames.append((os.path.basename(path), frame.f_lineno, frame.f_code.co_name))
-            frame = frame.f_back
-        self.events.append((what, frames))
-
-
-class _FunctionCounter(TorchFunctionMode):
-    """The Python-level half: host reads that never reach the dispatcher (.tolist()), and
-    where tensors are put on the device (.to(device))."""
-
-    def __init__(self, counter):
-        super().__init__()
-        self.counter = counter
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, '__name__', '')
-        source = args[0] if args else None
-        counted = name in HOST_READS and self.counter.is_on_device(source)
-        if counted:
-            self.counter.record(f"Tensor.{name}")
-        self.counter.reading += counted
-        try:
-            result = func(*args, **kwargs)
-        finally:
-            self.counter.reading -= counted
-        if name == 'cpu' and result is source:
-            result = result.view_as(result)  # a CPU run's .cpu() returns the same tensor: a new one, on the host
-            self.counter.on_device.pop(result, None)
-        elif torch.is_tensor(result) and self._to_device(name, args, kwargs):
-            self.counter.on_device[result] = True
-        return result
-
-    def _to_device(self, name, args, kwargs):
-        if name != 'to':
-            return name == 'cuda'
-        target = kwargs.get('device', next((a for a in args[1:] if isinstance(a, (str, torch.device))), None))
-        return target is not None and torch.device(target).type == self.counter.device_type
+    def finish(self, raw_model):
+        """Exits with code 1, after one line on stderr, when the ranks ended with different models."""
+        if not self.ddp:
+            return
+        # DDP syncs gradients; the routers' own state (DeepSeek-V3's bias, GatePro's count) is
+        # updated from the all-reduced counts: both must leave every rank with the same model
+        differ = replicas_differ(raw_model)
+        if self.master_process:
+            if differ:
+                print(f"error: the {self.world_size} DDP ranks ended with different values of "
+                      f"{', '.join(differ[:5])}" + (f" and {len(differ) - 5} more" if len(differ) > 5 else ''),
+                      file=sys.stderr)
+            else:
+                print(f"DDP: all {self.world_size} ranks hold the same weights and router state")
+        dist.barrier()  # leave together: a rank that tears gloo down while another
+        dist.destroy_process_group()  # still talks to it can abort the process at exit
+        if differ:
+            sys.exit(1)
 
 
-class _DispatchCounter(TorchDispatchMode):
-    """The op-level half: data-dependent ops on device tensors, copies from a GPU to the
-    host, and every output computed from a device tensor is on the device too."""
+def all_reduce_stats(stats, device):
+    """Sum a RoutingStats over all ranks, in place, with one all_reduce: every rank ends up
+    with the totals of the global batch. Every rank must call it with the same layers,
+    losses and keys (the same model, the same `full` flag)."""
+    slots = []  # (container, key, original value)
+    for layer in sorted(stats.layers):
+        totals = stats.layers[layer]
+        slots += [(totals, key, totals[key]) for key in stats.SUMMED_TOTALS if key in totals]
+    slots += [(stats.losses, name, stats.losses[name]) for name in sorted(stats.losses)]
+    flat = [torch.as_tensor(value, dtype=torch.float64, device=device).reshape(-1) for _, _, value in slots]
+    flat.append(torch.tensor([float(stats.n_passes)], dtype=torch.float64, device=device))
+    sizes = [t.numel() for t in flat]
+    summed = torch.cat(flat)
+    dist.all_reduce(summed)
+    parts = summed.split(sizes)
+    for (container, key, value), part in zip(slots, parts):
+        if isinstance(value, torch.Tensor):
+            container[key] = part.reshape(value.shape).to(value.dtype)
+        elif isinstance(value, int):
+            container[key] = int(round(part.item()))
+        else:
+            container[key] = part.reshape(())
+    stats.n_passes = int(round(parts[-1].item()))
 
-    def __init__(self, counter):
-        super().__init__()
-        self.counter = counter
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        inputs = [t for t in tree_leaves((args, kwargs)) if torch.is_tensor(t)]
-        from_device = any(self.counter.is_on_device(t) for t in inputs)
-        op = str(func.overloadpacket)
-        if from_device and not self.counter.reading and self._waits(op, args, kwargs):
-            self.counter.record(op)
-        result = func(*args, **kwargs)
-        outputs = [t for t in tree_leaves(result) if torch.is_tensor(t)]
-        if op in ('aten._to_copy', 'aten.copy_') and not self.counter.reading \
-                and any(t.device.type != 'cpu' for t in inputs) and any(t.device.type == 'cpu' for t in outputs):
-            self.counter.record(f"{op} to the host")
-        if from_device:
-            for t in outputs:
-                self.counter.on_device[t] = True
-        return result
+def share_loss_scales(model):
+    """Give every rank rank 0's calibrated loss coefficients (the `*_loss_scale` buffers that
+    ortho_loss_target and var_loss_target set at the first training forward): each rank
+    calibrated on its own first micro-batch, and the ranks must go on with one model.
+    Returns True while some coefficient is still 0 (not yet calibrated: a loss of exactly 0
+    sets nothing), so the caller knows to share again after the next step. A collective:
+    every rank must call it. One host read of a few scalars, after the step."""
+    scales = [buffer for name, buffer in model.named_buffers() if name.endswith('_loss_scale')]
+    if not scales:
+        return False
+    packed = torch.stack(scales)
+    dist.broadcast(packed, 0)
+    for buffer, value in zip(scales, packed):
+        buffer.copy_(value)
+    return bool((packed == 0).any())
 
-    @staticmethod
-    def _waits(op, args, kwargs):
-        if op == 'aten.repeat_interleave':
-            return kwargs.get('output_size') is None
-        if op in ('aten.index', 'aten.index_put', 'aten.index_put_'):  # indexing with a boolean mask
-            return any(t is not None and t.dtype == torch.bool for t in args[1])
-        return op in DATA_DEPENDENT_OPS
+
+def _digest(value):
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        return hashlib.sha256(str(value.dtype).encode() + str(tuple(value.shape)).encode() + data).hexdigest()
+    return hashlib.sha256(repr(value).encode()).hexdigest()
+
+
+def replicas_differ(model):
+    """Names of the state-dict entries (parameters, buffers such as DeepSeek-V3's bias,
+    extra state such as GatePro's step count) on which some rank differs from rank 0;
+    [] when all ranks agree. A collective: every rank must call it."""
+    digests = {name: _digest(value) for name, value in model.state_dict().items()}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, digests)
+    return [name for name in gathered[0] if any(other.get(name) != gathered[0][name] for other in gathered[1:])]

@@ -17,6 +17,9 @@ Every setting below is a config key. A bare argument is a config file (config/*.
 --key=value overrides one key; an unknown key or a value of the wrong type is an error.
 The model keys are the fields of GPTConfig in model.py, and the routing keys (router,
 n_exp, top_k, loss coefficients, each router's knobs) those of RouterConfig in routers.py.
+What each optional part does lives in the file named where it is called: checkpoint.py
+(where a run starts, saving), dataset.py (the data and its seeds), evals.py (the evals
+beyond the loss), faults.py (Ctrl-C, a non-finite loss), system.py (device, DDP).
 """
 
 import json
@@ -28,35 +31,26 @@ from dataclasses import asdict, fields
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.distributed import destroy_process_group, init_process_group
+from torch.distributed import init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import (DATA, EVAL, GPT2_NAMES, NOISE, CheckpointError, Interrupt, load_checkpoint, load_model_state,
-                        load_pretrained, load_start_weights, nonfinite_report, rng_state, save_checkpoint, seed_for,
-                        set_rng_state)
+from checkpoint import check_init_from, rng_state, save_checkpoint, starting_point
 from configurator import ConfigError, apply_overrides
-from ddp import all_reduce_stats, replicas_differ, share_loss_scales
+from dataset import DATA, EVAL, NOISE, open_dataset, read_batch, seed_for, train_offsets  # noqa: F401 (DATA)
+from evals import ExtraEvals
+from faults import Interrupt, NonFiniteGuard
 from fast_experts import describe_impl
-from metrics import (CHARACTER_CLASSES, RoutingStats, answer_prompts, character_class, exact_match, loss_by_domain,
-                     format_routing_table)
-from model import GPT, GPTConfig, upcycle_state_dict
-from routers import RouterConfig
-from system import (PTDTYPES, autocast_context, check_tokens, device_type_of, keep_freed_memory_on_cpu, load_meta,
-                    peak_flops, pick_device, pick_dtype)
+from metrics import RoutingStats, format_routing_table
+from model import GPT, GPTConfig
+from system import (PTDTYPES, DDPSync, autocast_context, device_type_of, keep_freed_memory_on_cpu, peak_flops,
+                    pick_device, pick_dtype)
 
 
 def fail(message):
     """Bad input ends here: one line on stderr, exit code 2, nothing written."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
-
-
-def stop(message, code=1):
-    """A run that cannot go on (a non-finite loss): one line on stderr, exit code 1."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
 
 
 # -----------------------------------------------------------------------------
@@ -132,12 +126,10 @@ globals().update(overrides)
 config = {k: globals()[k] for k in config_keys}  # logged and checkpointed
 # -----------------------------------------------------------------------------
 # check the settings before anything is written
-pretrained = init_from not in ('scratch', 'resume')  # a new run from trained weights
-if pretrained and init_from not in GPT2_NAMES and not os.path.exists(init_from):
-    fail(f"init_from={init_from!r} must be 'scratch', 'resume', {', '.join(map(repr, GPT2_NAMES))}, or the path "
-         f"of a checkpoint (ckpt.pt or its folder) or of a Hugging Face GPT-2 folder; {init_from} does not exist")
-if upcycle_noise < 0 or not 0 <= upcycle_drop_ratio <= 1:
-    fail(f"upcycle_noise={upcycle_noise} must be >= 0 and upcycle_drop_ratio={upcycle_drop_ratio} between 0 and 1")
+try:
+    check_init_from(init_from, upcycle_noise, upcycle_drop_ratio)
+except ValueError as e:
+    fail(e)
 for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_iters', 'log_interval', 'eval_interval'):
     if config[key] < 1:
         fail(f"{key}={config[key]} must be >= 1")
@@ -158,7 +150,7 @@ if ddp:
         device = f'cuda:{ddp_local_rank}'
         torch.cuda.set_device(device)
     master_process = ddp_rank == 0
-    seed_offset = ddp_rank  # the initial weights (DDP copies rank 0's); the batches and noise: see train_offsets
+    seed_offset = ddp_rank  # the initial weights (DDP copies rank 0's); the batches and noise: dataset.seed_for
     if gradient_accumulation_steps % ddp_world_size != 0:
         fail(f"gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple of the "
              f"{ddp_world_size} DDP processes")
@@ -180,124 +172,26 @@ ctx = autocast_context(device_type, dtype)
 
 # -----------------------------------------------------------------------------
 # data: nanoGPT's format, uint16 token ids in train.bin / val.bin, meta.pkl beside them
-repo_dir = os.path.dirname(os.path.abspath(__file__))
-data_dir = data_dir or os.path.join(repo_dir, 'data', dataset)
-if not os.path.exists(os.path.join(data_dir, 'meta.pkl')) and not os.path.exists(os.path.join(data_dir, 'train.bin')):
-    if dataset == 'domains' and data_dir == os.path.join(repo_dir, 'data', 'domains'):
-        # the default dataset is generated, not downloaded: make it on first use
-        if master_process:
-            import importlib.util
-            spec = importlib.util.spec_from_file_location('prepare_domains', os.path.join(data_dir, 'prepare.py'))
-            prepare_module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(prepare_module)
-            print(f"dataset 'domains' not found, generating it in {data_dir}")
-            prepare_module.prepare(out_dir=data_dir)
-        if ddp:
-            torch.distributed.barrier()
-    else:
-        custom_dir = data_dir != os.path.join(repo_dir, 'data', dataset)
-        if os.path.exists(os.path.join(repo_dir, 'data', dataset, 'prepare.py')):
-            hint = f"run: python data/{dataset}/prepare.py" + (f" --out_dir={data_dir}" if custom_dir else '')
-        else:  # a folder without a script, e.g. a narrow dataset that data/domains/prepare.py --only writes
-            hint = (f"no data/{dataset}/prepare.py makes it (one or a few domains: python data/domains/prepare.py "
-                    f"--only=NAMES --out_dir={os.path.relpath(data_dir)})")
-        fail(f"dataset {dataset!r} not found: {os.path.join(data_dir, 'train.bin')} is missing; {hint}")
 try:
-    meta = load_meta(data_dir)
+    data = open_dataset(dataset, data_dir, block_size, config['vocab_size'], make_default=master_process)
+    extra_evals = ExtraEvals(data, eval_answers, eval_also, block_size, batch_size, eval_iters, device, ctx,
+                             verbose=master_process)  # exact-match answers, eval_also
 except ValueError as e:
     fail(e)
-meta_vocab_size = meta['vocab_size'] if meta else None
-# every token id must fit the vocabulary (else an IndexError deep in the embedding)
-vocab_source = (f"vocab_size in {os.path.join(data_dir, 'meta.pkl')}" if meta
-                else f"no meta.pkl: vocab_size={config['vocab_size']}")
-n_tokens = {}
-for split in ('train', 'val'):
-    try:
-        n_tokens[split] = check_tokens(os.path.join(data_dir, f'{split}.bin'), meta_vocab_size or config['vocab_size'],
-                                       vocab_source)
-    except ValueError as e:
-        fail(e)
-    if n_tokens[split] <= block_size + 1:
-        fail(f"block_size={block_size} is longer than the {split} split of {dataset!r} ({n_tokens[split]} tokens); "
-             f"lower --block_size")
-
-# a label per token for the specialization metric: its domain where the dataset has them
-# (domains: val_domain.bin), else its character class (letter, digit, ...); none for BPE
-label_names, class_of_token = None, None
-if meta and 'domains' in meta and os.path.exists(os.path.join(data_dir, 'val_domain.bin')):
-    label_names = list(meta['domains'])
-elif meta and 'itos' in meta:
-    label_names = CHARACTER_CLASSES
-    class_of_token = torch.tensor([character_class(meta['itos'][i]) for i in range(meta['vocab_size'])])
-
-# a task metric where the dataset has checkable answers (meta['answers'], domains: arithmetic
-# '37+85=' -> '122'): a fixed set of val prompts per domain, answered greedily at each eval
-answer_sets = {}
-if meta and meta.get('answers') and label_names is not None and class_of_token is None and eval_answers > 0:
-    val_tokens = torch.from_numpy(np.fromfile(os.path.join(data_dir, 'val.bin'), dtype=np.uint16).astype(np.int64))
-    val_domains = torch.from_numpy(np.fromfile(os.path.join(data_dir, 'val_domain.bin'), dtype=np.uint8))
-    for name, marker in meta['answers'].items():
-        prompts, answers = answer_prompts(val_tokens, val_domains, label_names.index(name),
-                                          [meta['stoi'][ch] for ch in marker], meta['stoi']['\n'], eval_answers,
-                                          max(1, block_size // 2))
-        if answers:
-            answer_sets[name] = (prompts, answers)
-    val_tokens = val_domains = None
-elif meta and 'domains' in meta and 'answers' not in meta and eval_answers > 0 and master_process:
-    print(f"{os.path.join(data_dir, 'meta.pkl')} names no checkable answers (written before they were): run "
-          f"data/domains/prepare.py again for the exact-match answer accuracy")
-
-# eval_also: a second val split, with the same vocabulary, measured at each eval; where it has
-# domain labels, its loss per domain, and on the domains this run does not train on
-also_dir, also_domains, trained_domains = None, None, None
-if eval_also:
-    also_dir = eval_also if os.path.isdir(eval_also) else os.path.join(repo_dir, 'data', eval_also)
-    if not os.path.exists(os.path.join(also_dir, 'val.bin')):
-        fail(f"eval_also={eval_also!r}: {os.path.join(also_dir, 'val.bin')} is missing; prepare that dataset first")
-    try:
-        also_meta = load_meta(also_dir)
-        if also_meta and meta and also_meta['vocab_size'] != meta_vocab_size:
-            raise ValueError(f"it has vocab_size={also_meta['vocab_size']} but dataset {dataset!r} has "
-                             f"{meta_vocab_size}; evaluate on a dataset with the same vocabulary")
-        check_tokens(os.path.join(also_dir, 'val.bin'), meta_vocab_size or config['vocab_size'], vocab_source)
-    except ValueError as e:
-        fail(f"eval_also={eval_also!r}: {e}")
-    if also_meta and 'domains' in also_meta and os.path.exists(os.path.join(also_dir, 'val_domain.bin')):
-        also_domains = list(also_meta['domains'])
-        # the domains this run trains on: a narrow dataset names them (prepare.py --only)
-        trained_domains = list(meta.get('only') or also_domains) if meta else also_domains
-
-
-# Batches are drawn from generators seeded per iteration (checkpoint.seed_for), never from
-# the global one: the batches of iteration i depend only on (seed, i). A training step draws
-# its whole global batch, gradient_accumulation_steps * ddp_world_size micro-batches, the
-# same on every rank, and rank r takes its rows: so a DDP run trains on exactly the batches
-# one process draws with gradient accumulation, and a resumed run on those of the
-# uninterrupted run. The eval batches of iteration i come from their own stream.
-eval_generator = torch.Generator()
-
-
-def train_offsets(it):
-    """[gradient_accumulation_steps, batch_size] start offsets of this rank's micro-batches
-    at iteration it: its slice of the step's global batch."""
-    generator = torch.Generator().manual_seed(seed_for(seed, it, DATA))
-    offsets = torch.randint(n_tokens['train'] - block_size, (ddp_world_size * gradient_accumulation_steps, batch_size),
-                            generator=generator)
-    return offsets[ddp_rank * gradient_accumulation_steps:(ddp_rank + 1) * gradient_accumulation_steps]
+eval_generator = torch.Generator()  # the eval batches: seeded before each eval (dataset.seed_for)
 
 
 def get_batch(split, ix=None, with_labels=False):
-    """x, y for the sequences starting at offsets ix [batch_size]; ix=None draws them from
-    eval_generator (train.py seeds it before each evaluation). with_labels: also each input
-    token's label (label_names), for the specialization metric."""
+    """x, y for the sequences starting at offsets ix [batch_size] (a training step's come from
+    dataset.train_offsets); ix=None draws them from eval_generator. with_labels: also each
+    input token's label (data.label_names), for the specialization metric."""
     # a fresh memmap every batch: numpy memmaps keep growing memory if reused (nanoGPT's note)
-    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    tokens = np.memmap(data.path(split), dtype=np.uint16, mode='r')
     if ix is None:
-        ix = torch.randint(len(data) - block_size, (batch_size,), generator=eval_generator)
-    x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix])
-    y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix])
+        ix = torch.randint(len(tokens) - block_size, (batch_size,), generator=eval_generator)
+    x, y = read_batch(tokens, ix, block_size)
     if with_labels:  # evaluation only: no need for pinned memory
-        labels = token_labels(split, ix, x)
+        labels = data.labels(split, ix, x, block_size)
         return x.to(device), y.to(device), None if labels is None else labels.to(device)
     if device_type == 'cuda':
         x, y = x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
@@ -306,158 +200,29 @@ def get_batch(split, ix=None, with_labels=False):
     return x, y
 
 
-def token_labels(split, ix, x):
-    """[B, T] label of each input token (see label_names), or None."""
-    if label_names is None:
-        return None
-    if class_of_token is not None:
-        return class_of_token[x]
-    domains = np.memmap(os.path.join(data_dir, f'{split}_domain.bin'), dtype=np.uint8, mode='r')
-    return torch.stack([torch.from_numpy(domains[i:i + block_size].astype(np.int64)) for i in ix])
-
-
 # -----------------------------------------------------------------------------
-# model
-iter_num = 0
-best_val_loss = 1e9
-skipped_steps = 0  # steps skipped for a non-finite loss (skip_nonfinite=True), over the whole run
-evaluated_at = None  # a resumed checkpoint written right after the eval of this iteration: not evaluated again
-saved_iter = None  # the iteration of the checkpoint on disk that this run resumed from or wrote
+# model: from scratch, resumed, or a new run from trained weights (checkpoint.starting_point)
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-model_args = {k: config[k] for k in model_keys}
-model_args['vocab_size'] = meta_vocab_size or config['vocab_size']  # no meta.pkl: GPT-2's 50257 padded to 50304
-if init_from == 'resume':
-    if not os.path.exists(ckpt_path):
-        fail(f"init_from='resume' but {ckpt_path} does not exist; train first or set --out_dir")
-    try:  # weights_only: a checkpoint that would need code to load is refused, and nothing in it runs
-        checkpoint = load_checkpoint(ckpt_path, device, required=('model', 'optimizer', 'model_args', 'iter_num',
-                                                                  'best_val_loss'))
-    except CheckpointError as e:
-        fail(e)
-    shape_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'n_exp', 'moe_every', 'expert_hidden',
-                  'n_shared_exp', 'router')
-    missing = [k for k in (*shape_keys, 'vocab_size') if k not in checkpoint['model_args']]
-    if missing:
-        fail(f"checkpoint {ckpt_path} is damaged: its model_args have no {', '.join(missing)}")
-    # keys that set parameter shapes come from the checkpoint; the rest (coefficients,
-    # capacity, dropout, router windows) may change on resume, e.g. to hot-swap a router
-    for k in shape_keys:
-        if k in user_keys and config[k] != checkpoint['model_args'][k]:
-            fail(f"{k}={config[k]} differs from the checkpoint's {k}={checkpoint['model_args'][k]}; "
-                 f"drop --{k} to resume, or use another --out_dir")
-        model_args[k] = checkpoint['model_args'][k]
-    if checkpoint['model_args']['vocab_size'] != model_args['vocab_size']:
-        fail(f"checkpoint {ckpt_path} has vocab_size={checkpoint['model_args']['vocab_size']} but dataset "
-             f"{dataset!r} has vocab_size={model_args['vocab_size']}; resume with the dataset it was trained on")
-elif pretrained:
-    # a new run from trained weights: iteration 0, a fresh optimizer, its own out_dir and log;
-    # any dataset with the same vocabulary, and the router may differ
-    try:
-        source, source_args, source_state = load_pretrained(init_from, device)
-    except CheckpointError as e:
-        fail(e)
-    source_dir = source if os.path.isdir(source) else os.path.dirname(source)
-    if os.path.realpath(out_dir) == os.path.realpath(source_dir):
-        fail(f"out_dir={out_dir} holds the weights this run starts from, and a new run would overwrite them; "
-             f"set another --out_dir (or --init_from=resume to continue that run)")
-    missing = [k for k in ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'vocab_size', 'n_exp')
-               if k not in source_args]
-    if missing:
-        fail(f"{source} is damaged: its model_args have no {', '.join(missing)}")
-    if meta and source_args['vocab_size'] != meta_vocab_size:
-        fail(f"{source} has vocab_size={source_args['vocab_size']} but dataset {dataset!r} has "
-             f"vocab_size={meta_vocab_size}; start from a model trained on the same vocabulary")
-    if not meta:  # no vocab_size to compare: the token ids must fit the source's vocabulary
-        for split in ('train', 'val'):
-            try:
-                check_tokens(os.path.join(data_dir, f'{split}.bin'), source_args['vocab_size'], f"that of {source}")
-            except ValueError as e:
-                fail(e)
-    model_args['vocab_size'] = source_args['vocab_size']
-    model_defaults = {f.name: f.default for f in fields(GPTConfig)}
-    for k in ('n_layer', 'n_head', 'n_embd', 'bias', 'gelu_approximate'):
-        value = source_args.get(k, model_defaults[k])
-        if k in user_keys and config[k] != value:
-            fail(f"{k}={config[k]} differs from {k}={value} of {source}: a run from trained weights keeps "
-                 f"their shape; drop --{k}")
-        model_args[k] = value
-    if block_size > source_args['block_size']:
-        fail(f"block_size={block_size} is longer than the {source_args['block_size']} positions of {source}; "
-             f"set --block_size={source_args['block_size']} or less")
-    # the MoE layout is the source's unless given; a dense source with n_exp > 1 is upcycled
-    for k in ('n_exp', 'moe_every', 'expert_hidden', 'n_shared_exp', 'router'):
-        if k not in user_keys and k in source_args:
-            model_args[k] = source_args[k]
-    upcycle = source_args['n_exp'] <= 1 and model_args['n_exp'] > 1
-    if upcycle and model_args['bias']:
-        fail(f"{source} has biases (bias=True, as GPT-2): upcycling it would need biases in the experts, which "
-             f"have none; fine-tune it dense (--n_exp=1)")
-    if upcycle and 'expert_hidden' not in user_keys:
-        model_args['expert_hidden'] = 4 * model_args['n_embd']  # the MLP's width: each expert is a copy
-    if (upcycle_noise or upcycle_drop_ratio) and not upcycle:
-        fail(f"upcycle_noise={upcycle_noise}, upcycle_drop_ratio={upcycle_drop_ratio} apply only when upcycling, "
-             f"and {source} is {'an MoE' if source_args['n_exp'] > 1 else 'dense'} with n_exp={source_args['n_exp']} "
-             f"while this run has n_exp={model_args['n_exp']}")
-    if source_args['n_exp'] > 1:
-        for k in ('n_exp', 'moe_every', 'expert_hidden', 'n_shared_exp'):
-            if model_args[k] != source_args.get(k):
-                fail(f"{k}={model_args[k]} differs from {k}={source_args.get(k)} of {source}, an MoE whose "
-                     f"experts keep their shapes; drop --{k}")
-        if model_args['router'] == source_args.get('router'):  # the same router: its settings too, unless given
-            # a loss target given replaces the source's coefficient of that loss, and a coefficient its target
-            partner = {'var_loss_coef': 'var_loss_target', 'ortho_loss_coef': 'ortho_loss_target'}
-            partner.update({target: coef for coef, target in partner.items()})
-            replaced = {partner[k] for k in user_keys if k in partner}
-            for f in fields(RouterConfig):
-                if f.name not in user_keys and f.name not in replaced and f.name in source_args:
-                    model_args[f.name] = source_args[f.name]
 try:
-    gptconf = GPTConfig(**model_args)
-except ValueError as e:
+    start = starting_point(init_from, out_dir, {k: config[k] for k in model_keys}, user_keys, data, device,
+                           eval_only, upcycle_noise, upcycle_drop_ratio)
+    gptconf = GPTConfig(**start.model_args)
+    model = GPT(gptconf)
+    start.load_weights(model, seed)
+except ValueError as e:  # CheckpointError included
     fail(e)
-model = GPT(gptconf)
-if init_from == 'resume':
-    try:
-        load_model_state(model, checkpoint['model'], ckpt_path)
-    except CheckpointError as e:
-        fail(e)
-    iter_num = saved_iter = checkpoint['iter_num']
-    best_val_loss = checkpoint['best_val_loss']
-    skipped_steps = checkpoint.get('skipped_steps', 0)
-    if checkpoint.get('evaluated', True) and not eval_only:
-        evaluated_at = iter_num  # saved right after this iteration's eval, which is in metrics.jsonl already
-    print(f"resuming from {ckpt_path} at iter {iter_num}")
-if pretrained:
-    try:
-        if upcycle:  # Komatsuzaki et al. 2022: every expert a copy of its layer's MLP, a fresh gate (model.py)
-            source_state = upcycle_state_dict(source_state, gptconf, upcycle_noise, upcycle_drop_ratio,
-                                              torch.Generator().manual_seed(seed))
-        # a shorter block_size than the source's: keep its first position embeddings (nanoGPT's crop)
-        source_state['transformer.wpe.weight'] = source_state['transformer.wpe.weight'][:gptconf.block_size]
-        fresh = load_start_weights(model, source_state, source)
-    except KeyError as e:
-        fail(f"{source} is damaged: it has no {e}")
-    except ValueError as e:  # CheckpointError included
-        fail(e)
-    print(f"a new run from {source}" + (f": upcycled, every expert of MoE layers {[i for i, _ in model.moe_layers()]} "
-                                        f"is a copy of its MLP" if upcycle else '')
-          + (f"; {len(fresh)} router tensors start fresh" if fresh else ''))
-    source_state = None  # free memory
 model.to(device)
+iter_num, best_val_loss = start.iter_num, start.best_val_loss  # a resumed run's, else 0 and 1e9
+saved_iter = iter_num if init_from == 'resume' else None  # the iteration of the checkpoint on disk
+evaluated_at = iter_num if start.evaluated else None  # its eval is in metrics.jsonl already: not again
 
 scaler = torch.amp.GradScaler(device_type if device_type == 'cuda' else 'cpu', enabled=(dtype == 'float16'))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
-if init_from == 'resume':
-    try:
-        optimizer.load_state_dict(checkpoint['optimizer'])
-        if scaler.is_enabled() and checkpoint.get('scaler'):
-            scaler.load_state_dict(checkpoint['scaler'])
-        if 'rng' in checkpoint:
-            set_rng_state(checkpoint['rng'])
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        fail(f"checkpoint {ckpt_path} is damaged: its optimizer or RNG state does not fit "
-             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
-checkpoint = None  # free memory
+try:
+    start.load_training_state(optimizer, scaler)
+except ValueError as e:
+    fail(e)
+nonfinite = NonFiniteGuard(skip_nonfinite, ddp, master_process, ckpt_path, start.skipped_steps)
 
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
@@ -481,13 +246,13 @@ raw_model = model
 if compile:
     print("compiling the model... (takes a ~minute)")
     model = torch.compile(model)
+ddp_sync = DDPSync(ddp, ddp_world_size, device, master_process)  # nothing to do in one process
 if ddp:
     # broadcast_buffers=False: rank 0 evaluates alone, and a forward that broadcasts buffers
     # would be a collective the other ranks never join; the router buffers (DeepSeek-V3's
     # bias, the hash map) are the same on every rank by construction, checked at the end
     model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
-    for buffer in raw_model.buffers():  # once, at the start: DDP copied rank 0's parameters only
-        torch.distributed.broadcast(buffer, 0)
+ddp_sync.start(raw_model)  # every rank takes rank 0's buffers
 
 
 @torch.no_grad()
@@ -498,7 +263,7 @@ def estimate_loss():
     model.eval()
     for split in ('train', 'val'):
         losses = torch.zeros(eval_iters)
-        stats = RoutingStats(label_names)
+        stats = RoutingStats(data.label_names)
         # a progress bar while a human waits at a terminal; none in logs or on other ranks
         for k in tqdm(range(eval_iters), desc=f"eval {split}", leave=False, disable=None if master_process else True):
             X, Y, labels = get_batch(split, with_labels=True)
@@ -513,44 +278,22 @@ def estimate_loss():
     return out, stats
 
 
-@torch.no_grad()
-def estimate_also_loss():
-    """eval_also's val split, eval_iters batches: the mean cross-entropy and, where it has
-    domain labels, the mean per domain (of the token predicted) and over the domains this
-    run does not train on (metrics.loss_by_domain)."""
-    data = np.memmap(os.path.join(also_dir, 'val.bin'), dtype=np.uint16, mode='r')
-    labels = np.memmap(os.path.join(also_dir, 'val_domain.bin'), dtype=np.uint8, mode='r') if also_domains else None
-    loss_batches, label_batches = [], []
-    model.eval()
-    for _ in range(eval_iters):
-        ix = torch.randint(len(data) - block_size, (batch_size,), generator=eval_generator)
-        x = torch.stack([torch.from_numpy(data[i:i + block_size].astype(np.int64)) for i in ix]).to(device)
-        y = torch.stack([torch.from_numpy(data[i + 1:i + 1 + block_size].astype(np.int64)) for i in ix]).to(device)
-        with ctx:
-            logits = model(x, y)[0]
-        loss_batches.append(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction='none'))
-        if labels is not None:
-            label_batches.append(torch.stack([torch.from_numpy(labels[i + 1:i + 1 + block_size].astype(np.int64))
-                                              for i in ix]).view(-1))
-    model.train()
-    token_loss = torch.cat(loss_batches).cpu()  # one read-back for the whole evaluation
-    if labels is None:
-        return {'dataset': eval_also, 'loss': token_loss.double().mean().item()}
-    return {'dataset': eval_also, **loss_by_domain(token_loss, torch.cat(label_batches), also_domains, trained_domains)}
-
-
-@torch.no_grad()
-def answer_accuracy():
-    """{domain: exact-match accuracy} of the greedy answers to answer_sets' prompts, decoded
-    in one batch per domain (on the uncompiled model: every step has another length)."""
-    accuracy = {}
-    raw_model.eval()
-    for name, (prompts, answers) in answer_sets.items():
-        with ctx:  # top_tokens=1: the most likely token at every step, greedy decoding
-            out = raw_model.generate(prompts.to(device), max(map(len, answers)) + 1, top_tokens=1)
-        accuracy[name] = exact_match(out[:, prompts.size(1):].tolist(), answers, meta['stoi']['\n'])
-    raw_model.train()
-    return accuracy
+def evaluate(it, lr):
+    """The eval of iteration it: the losses, the routing of the val batches and the extra
+    evals, printed and logged. Returns the val loss."""
+    eval_generator.manual_seed(seed_for(seed, it, EVAL))  # the eval batches of this iteration
+    losses, val_stats = estimate_loss()
+    extra = extra_evals.run(model, raw_model, eval_generator)  # answers, eval_also (evals.py)
+    val_stats = val_stats.to_host()[0]  # the eval's routing numbers, read back in one transfer
+    layers = val_stats.summary(tables=True)
+    print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    for line in extra_evals.describe(extra) + ([format_routing_table(layers)] if layers else []):
+        print(line)
+    log_json({'iter': it, 'split': 'val', 'loss': losses['val'], 'train_loss': losses['train'], 'lr': lr,
+              'losses': val_stats.loss_summary(), 'layers': layers, 'label_names': data.label_names, **extra})
+    if wandb_log:
+        wandb.log({'iter': it, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
+    return losses['val']
 
 
 def get_lr(it):
@@ -573,13 +316,11 @@ if wandb_log and master_process:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
-# -----------------------------------------------------------------------------
-# checkpoints (checkpoint.py): weights_only-loadable values, written atomically
-
 
 def save(evaluated):
-    """Save the state at the top of iteration iter_num. evaluated: this iteration's eval is
-    done and logged (a resumed run then skips it); False for a save on Ctrl-C."""
+    """Save the state at the top of iteration iter_num (checkpoint.py: weights_only-loadable
+    values, written atomically). evaluated: this iteration's eval is done and logged (a
+    resumed run then skips it); False for a save on Ctrl-C."""
     global saved_iter
     save_checkpoint({
         'model': raw_model.state_dict(),  # router buffers (DeepSeek-V3's bias) and GatePro's step count included
@@ -590,7 +331,7 @@ def save(evaluated):
         'best_val_loss': best_val_loss,
         'config': config,
         'evaluated': evaluated,
-        'skipped_steps': skipped_steps,
+        'skipped_steps': nonfinite.skipped_steps,
         'rng': rng_state(),
     }, ckpt_path)
     saved_iter = iter_num
@@ -605,11 +346,9 @@ if save_on_interrupt and not ddp:  # under torchrun, Ctrl-C reaches torchrun too
 # evaluated (and saved when it improves), so a run never ends on a step it did not save
 t0 = time.time()
 local_iter_num = 0
-loss_scales_pending = True  # until every *_loss_scale buffer is calibrated and shared (DDP only)
 running_mfu = -1.0
 while True:
-    if interrupt.requested:
-        # the top of an iteration: a resumed run continues exactly from here
+    if interrupt.requested:  # the top of an iteration: a resumed run continues exactly from here
         save(evaluated=False)
         print(f"interrupted at iter {iter_num}: checkpoint saved to {ckpt_path}; continue with --init_from=resume "
               f"--out_dir={out_dir}", file=sys.stderr)
@@ -619,30 +358,11 @@ while True:
         param_group['lr'] = lr
 
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and master_process and iter_num != evaluated_at:
-        eval_generator.manual_seed(seed_for(seed, iter_num, EVAL))  # the eval batches of this iteration
-        losses, val_stats = estimate_loss()
-        accuracy = answer_accuracy()
-        also = estimate_also_loss() if also_dir else None
-        val_stats = val_stats.to_host()[0]  # the eval's routing numbers, read back in one transfer
-        layers = val_stats.summary(tables=True)
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        if accuracy:
-            print("exact-match answers (greedy, val): " + ', '.join(
-                f"{name} {value:.1%} of {len(answer_sets[name][1])}" for name, value in accuracy.items()))
-        if also:
-            print(f"val loss on {eval_also}: {also['loss']:.4f}" + (', by domain: ' + ', '.join(
-                f"{name} {value:.4f}" for name, value in also['domain_loss'].items()) if 'domain_loss' in also else ''))
-        if layers:
-            print(format_routing_table(layers))
-        log_json({'iter': iter_num, 'split': 'val', 'loss': losses['val'], 'train_loss': losses['train'],
-                  'lr': lr, 'losses': val_stats.loss_summary(), 'layers': layers, 'label_names': label_names,
-                  'answer_accuracy': accuracy, **({'eval_also': also} if also else {})})
-        if wandb_log:
-            wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
-        if not math.isfinite(losses['val']):
-            print(f"val loss {losses['val']}: checkpoint not saved")  # never overwrite a good one with it
-        elif losses['val'] < best_val_loss or always_save_checkpoint:
-            best_val_loss = min(best_val_loss, losses['val'])
+        val_loss = evaluate(iter_num, lr)  # printed and logged
+        if not math.isfinite(val_loss):
+            print(f"val loss {val_loss}: checkpoint not saved")  # never overwrite a good one with it
+        elif val_loss < best_val_loss or always_save_checkpoint:
+            best_val_loss = min(best_val_loss, val_loss)
             if iter_num > 0:
                 print(f"saving checkpoint to {out_dir}")
                 save(evaluated=True)
@@ -654,8 +374,8 @@ while True:
     step_stats = RoutingStats()  # the routing of this step's batch: counts always, the rest on log steps
     step_lm_loss = torch.zeros((), device=device)
     step_loss = torch.zeros((), device=device)  # everything trained on, router losses included
-    bad_layers = {}  # MoE layer -> its router's logits were not finite in some micro-step
-    offsets = train_offsets(iter_num)
+    offsets = train_offsets(seed, iter_num, data.n_tokens['train'], block_size, batch_size,
+                            gradient_accumulation_steps, ddp_world_size, ddp_rank)  # this rank's micro-batches
     X, Y = get_batch('train', offsets[0])
     for micro_step in range(gradient_accumulation_steps):
         if ddp:
@@ -669,9 +389,7 @@ while True:
         step_stats.add(routings, router_losses, full=log_step)
         step_lm_loss += lm_loss.detach() / gradient_accumulation_steps
         step_loss += loss.detach()
-        for layer, routing in routings.items():
-            bad = ~torch.isfinite(routing.logits).all()
-            bad_layers[layer] = bad if layer not in bad_layers else bad_layers[layer] | bad
+        nonfinite.watch(routings)  # which router's logits went non-finite, for the message
         if micro_step + 1 < gradient_accumulation_steps:
             X, Y = get_batch('train', offsets[micro_step + 1])  # prefetch while the GPU works on backward
         scaler.scale(loss).backward()
@@ -681,46 +399,21 @@ while True:
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     # a non-finite loss (on any rank), or gradient outside fp16's loss scaling, must not reach the weights
-    check = step_loss if grad_norm is None or scaler.is_enabled() else step_loss + grad_norm
-    if ddp:
-        check = check.clone()
-        torch.distributed.all_reduce(check)
-    finite = bool(torch.isfinite(check))  # one sync per step
+    finite = nonfinite.is_finite(step_loss, grad_norm, scaler)  # one sync per step
     if finite:
         scaler.step(optimizer)
         scaler.update()
-    elif not master_process and not skip_nonfinite:
-        sys.exit(1)  # rank 0 says why
-    elif master_process:
-        report = nonfinite_report(iter_num, step_lm_loss.item(), step_stats.loss_summary(),
-                                  [layer for layer in sorted(bad_layers) if bad_layers[layer]],
-                                  None if grad_norm is None else grad_norm.item())
-        if not skip_nonfinite:  # nothing is saved: the checkpoint on disk is the last good one
-            kept = f"{ckpt_path} (iter {saved_iter}) is kept" if saved_iter is not None else "no checkpoint was written"
-            stop(f"{report}; training stopped, {kept}; --skip_nonfinite=True skips such steps")
-    optimizer.zero_grad(set_to_none=True)
-    if not finite:
-        skipped_steps += 1
+    else:  # stop with one line, keeping the last checkpoint, or skip the step (faults.py)
+        nonfinite.skip_or_stop(iter_num, step_lm_loss, step_stats, grad_norm, saved_iter)
         if grad_norm is not None and scaler.is_enabled():
             scaler.update()  # the scaler saw the inf in unscale_: it lowers the scale
-        if master_process:
-            print(f"{report}; step skipped ({skipped_steps} so far)")
-    # the routers learn how the step went (DeepSeek-V3's bias, GatePro's step count)
-    if ddp and log_step:
-        all_reduce_stats(step_stats, device)  # the metrics, losses and counts of the global batch
-        torch.distributed.all_reduce(step_lm_loss)
-        step_lm_loss /= ddp_world_size
-    load_counts = step_stats.load_counts()
-    if not finite:  # a skipped step routed nothing: GatePro still counts it, DeepSeek-V3's bias stays
-        load_counts = {layer: torch.zeros_like(counts) for layer, counts in load_counts.items()}
-    elif ddp and load_counts and not log_step:
-        all_counts = torch.stack([load_counts[layer] for layer in sorted(load_counts)])
-        torch.distributed.all_reduce(all_counts)  # the load of the whole global batch
-        load_counts = dict(zip(sorted(load_counts), all_counts))
-        step_stats.set_load_counts(load_counts)  # the log's load metrics count the global batch too
+    optimizer.zero_grad(set_to_none=True)
+    # the routers learn how the step went (DeepSeek-V3's bias, GatePro's step count), from the global batch
+    step_lm_loss = ddp_sync.global_batch(step_stats, step_lm_loss, log_step, finite)
+    # a skipped step routed nothing: GatePro still counts it, DeepSeek-V3's bias stays
+    load_counts = {layer: c if finite else torch.zeros_like(c) for layer, c in step_stats.load_counts().items()}
     raw_model.step_finished(iter_num, load_counts)
-    if ddp and loss_scales_pending:  # the loss targets' coefficients: rank 0's on every rank
-        loss_scales_pending = share_loss_scales(raw_model)
+    ddp_sync.share_router_state(raw_model)  # the loss targets' coefficients: rank 0's on every rank
 
     t1 = time.time()
     dt = t1 - t0
@@ -738,24 +431,11 @@ while True:
               f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu_text}")
         log_json({'iter': iter_num, 'split': 'train', 'loss': lm_loss, 'lr': lr, 'losses': router_losses,
                   'layers': host_stats.summary(), 'time_ms': dt * 1000, 'tokens_per_s': tokens_per_iter / dt,
-                  'mfu': running_mfu, 'skipped_steps': skipped_steps})
+                  'mfu': running_mfu, 'skipped_steps': nonfinite.skipped_steps})
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': lm_loss, 'lr': lr, 'mfu': running_mfu * 100,
                        **{f'router/{k}': v for k, v in router_losses.items()}})
     iter_num += 1
     local_iter_num += 1
 
-if ddp:
-    # every rank must end with the same model: DDP syncs gradients, the routers' own state
-    # (DeepSeek-V3's bias, GatePro's count) is updated from the all-reduced counts
-    differ = replicas_differ(raw_model)
-    if master_process:
-        if differ:
-            print(f"error: the {ddp_world_size} DDP ranks ended with different values of {', '.join(differ[:5])}"
-                  + (f" and {len(differ) - 5} more" if len(differ) > 5 else ''), file=sys.stderr)
-        else:
-            print(f"DDP: all {ddp_world_size} ranks hold the same weights and router state")
-    torch.distributed.barrier()  # leave together: a rank that tears gloo down while another
-    destroy_process_group()      # still talks to it can abort the process at exit
-    if differ:
-        sys.exit(1)
+ddp_sync.finish(raw_model)  # every rank must end with the same model: checked, then the ranks leave together

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # never in a student copy: git history, the teacher's answers, and the test that keeps
 # wrong versions of the exercises (lessons/exercise.py's own test); .gitignore adds the rest
-NOT_COPIED = ['.git', 'lessons/ANSWERS.md', 'test_lessons.py']
+NOT_COPIED = ['.git', 'lessons/ANSWERS.md', 'tests/test_lessons.py']
 
 
 @dataclass
@@ -42,8 +42,8 @@ class Exercise:
 
 EXERCISES = {
     1: Exercise("follow a token: the router's entropy and what an expert is about", '1-follow-a-token.md', {
-        'metrics.py:router_entropy': ['test_metrics.py::test_router_entropy_by_hand'],
-        'metrics.py:normalized_mutual_information': ['test_metrics.py::test_normalized_mutual_information_by_hand'],
+        'metrics.py:router_entropy': ['tests/test_metrics.py::test_router_entropy_by_hand'],
+        'metrics.py:normalized_mutual_information': ['tests/test_metrics.py::test_normalized_mutual_information_by_hand'],
     }),
     2: Exercise("the Switch balance loss and the z-loss", '2-balance.md', {
         'routers.py:switch_aux_loss': ['test_routers.py::test_switch_aux_loss_by_hand',
@@ -72,7 +72,7 @@ EXERCISES = {
         'routers.py:ortho_loss': ['test_routers.py::test_ortho_loss_by_hand',
                                   'test_routers.py::test_ortho_loss_pairs_outputs_of_the_same_token'],
         'routers.py:variance_loss': ['test_routers.py::test_variance_loss_by_hand'],
-        'metrics.py:routing_variance': ['test_metrics.py::test_routing_variance_by_hand'],
+        'metrics.py:routing_variance': ['tests/test_metrics.py::test_routing_variance_by_hand'],
     }),
 }
 

@@ -17,9 +17,9 @@ import torch
 
 from checkpoint import save_checkpoint
 from routers import ROUTERS
-from system import load_meta
+from dataset import load_meta
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 TINY = ['--device=cpu', '--n_layer=1', '--n_head=2', '--n_embd=16', '--n_exp=4', '--batch_size=4', '--block_size=16',
         '--eval_iters=2', '--log_interval=1', '--warmup_iters=2']
 
@@ -342,7 +342,7 @@ def test_ctrl_c_saves_and_the_run_resumes_exactly(runner, tiny_data, tmp_path):
 
 SECOND_CTRL_C = r'''
 import os, signal, time
-from checkpoint import Interrupt
+from faults import Interrupt
 interrupt = Interrupt()
 interrupt.install()
 os.kill(os.getpid(), signal.SIGINT)

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 import torch
 
-from checkpoint import DATA, seed_for
+from dataset import DATA, seed_for
 from model import GPTConfig
 from routers import build_router
 from test_checkpoint import TINY, assert_one_line_error, records

@@ -15,7 +15,7 @@ import pytest
 import compare
 import plot
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 
 
 def run(args, cwd=REPO):

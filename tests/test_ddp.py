@@ -10,7 +10,7 @@ import torch
 
 from test_checkpoint import TINY, records
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 
 
 def torchrun(args):

@@ -15,7 +15,7 @@ import torch
 from configurator import ConfigError, apply_overrides
 from test_checkpoint import assert_one_line_error
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 TINY = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--n_exp=4', '--top_k=2',
         '--batch_size=4', '--block_size=16', '--eval_iters=2', '--log_interval=5', '--warmup_iters=2']
 

@@ -3,8 +3,8 @@ sync in the forward and backward of any router on the grouped path (and the budg
 whole train.py step), torch.compile without graph breaks or recompiles, and a grouped GEMM
 that never sees an empty group nor leaves a row of its output uninitialised.
 
-Syncs are counted with system.HostSyncCounter, which tracks the tensors that a GPU run
-would hold on the GPU and counts every read of one back to the host."""
+Syncs are counted with HostSyncCounter (tests/host_syncs.py), which tracks the tensors that
+a GPU run would hold on the GPU and counts every read of one back to the host."""
 
 import json
 import os
@@ -15,12 +15,14 @@ import torch
 
 import fast_experts
 from fast_experts import GROUP_ALIGN, choose_impl, describe_impl, grouped_mm, resolve_impl
+from host_syncs import HostSyncCounter
 from metrics import RoutingStats
 from model import GPT, Experts, GPTConfig
 from routers import ROUTERS, Routing
-from system import HostSyncCounter, cuda_bf16_native, peak_flops
+from system import cuda_bf16_native, peak_flops
+from test_routers import router_config
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 needs_grouped_mm = pytest.mark.skipif(grouped_mm is None, reason=f"torch {torch.__version__} has no grouped_mm")
 
 # every router, and capacity dropping in a router that is dropless by default
@@ -192,7 +194,7 @@ def test_a_logging_steps_metrics_are_read_back_in_one_transfer(name, extra):
 
 DRIVER = '''
 import json, runpy, sys
-from system import HostSyncCounter
+from host_syncs import HostSyncCounter
 events_path, script = sys.argv[1], sys.argv[2]
 sys.argv = [script, *sys.argv[3:]]
 counter = HostSyncCounter('cpu')
@@ -277,6 +279,33 @@ def test_gatepro_compiles_once_while_its_window_opens_and_closes():
         model.step_finished(iter_num, {layer: torch.zeros(4, dtype=torch.long) for layer, _ in model.moe_layers()})
     assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
     assert not torch.equal(choices[1], choices[2]) and torch.equal(choices[1], choices[4])  # on at 2, off at 4
+
+
+@pytest.mark.skipif(grouped_mm is None, reason=f"torch {torch.__version__} has no grouped_mm")
+def test_calibration_compiles_to_one_graph_and_reads_nothing_back():
+    torch.manual_seed(0)
+    config = router_config(router='ortho_var', n_layer=1, n_embd=16, n_exp=4, top_k=2, expert_impl='grouped',
+                           ortho_loss_target=1e-4, var_loss_target=1e-3)
+    model, eager = GPT(config), GPT(config)
+    eager.load_state_dict(model.state_dict())
+    batches = [torch.randint(0, 50, (2, 16)) for _ in range(2)]
+    with HostSyncCounter('cpu').mark(eager, *batches) as counter:
+        expected = []
+        for X in batches:
+            _, lm_loss, router_losses, _ = eager(X, X)
+            (lm_loss + sum(router_losses.values())).backward()
+            expected.append(router_losses)
+    assert counter.events == []
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    got = [compiled(X, X)[2] for X in batches]  # calibrates in the first call, keeps it in the second
+    assert torch._dynamo.utils.counters['stats']['unique_graphs'] == 1
+    assert got[0]['ortho'].item() == pytest.approx(1e-4) and got[0]['var'].item() == pytest.approx(-1e-3)
+    assert got[1]['var'].item() != pytest.approx(-1e-3, rel=1e-4)  # another batch, step 0's gamma
+    for losses, eager_losses in zip(got, expected):
+        assert losses['ortho'].item() == pytest.approx(eager_losses['ortho'].item())
+        assert losses['var'].item() == pytest.approx(eager_losses['var'].item())
 
 
 def test_gatepro_loads_a_checkpoint_that_kept_its_count_as_extra_state():

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from checkpoint import load_pretrained, load_start_weights
-from metrics import answer_prompts, exact_match, loss_by_domain
+from evals import answer_prompts, exact_match, loss_by_domain
 from model import GPT, GPTConfig, upcycle_state_dict
 from test_checkpoint import assert_one_line_error
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 TINY = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--batch_size=4', '--block_size=16',
         '--eval_iters=2', '--log_interval=5', '--warmup_iters=2']
 

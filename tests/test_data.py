@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import tiktoken
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 
 
 def load_prepare(name):

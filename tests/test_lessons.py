@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 sys.path.insert(0, os.path.join(REPO, 'lessons'))
 import exercise  # noqa: E402  (lessons/ is not a package)
 

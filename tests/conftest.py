@@ -3,11 +3,14 @@ train.py / sample.py runs without paying torch's import for each (forkrun.py).""
 
 import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
 
-from forkrun import ForkRunner
+from forkrun import REPO, ForkRunner
+
+sys.path.insert(0, REPO)  # the project's modules, whether pytest runs from the repository or from tests/
 
 
 @pytest.fixture(scope='session')

@@ -16,13 +16,13 @@ import subprocess
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 
 
 class ForkRunner:
     def __init__(self):
         env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
-        self.server = subprocess.Popen([sys.executable, os.path.join(REPO, 'forkrun.py')], stdin=subprocess.PIPE,
+        self.server = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
     def run(self, args, script='train.py', cwd=REPO, timeout=240, sigint_after=None):
@@ -77,6 +77,9 @@ def serve():
 
     sys.path.insert(0, REPO)
     import checkpoint  # noqa: F401
+    import dataset  # noqa: F401
+    import evals  # noqa: F401
+    import faults  # noqa: F401
     import metrics  # noqa: F401
     import model  # noqa: F401
     import system  # noqa: F401
