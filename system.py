@@ -109,7 +109,6 @@ class DDPSync:
     """What train.py's loop does under DDP beyond the gradient all-reduce. In one process
     (ddp=False) every method returns at once and changes nothing.
 
-    start(raw_model)       once: every rank takes rank 0's buffers (DDP copies parameters only)
     global_batch(...)      after a step: the logged routing metrics and losses summed over the
                            ranks on a logging step, else the load counts alone (what the
                            routers' step_finished learns from: DeepSeek-V3's bias)
@@ -122,11 +121,6 @@ class DDPSync:
     def __init__(self, ddp, world_size, device, master_process):
         self.ddp, self.world_size, self.device, self.master_process = ddp, world_size, device, master_process
         self.loss_scales_pending = ddp  # until every *_loss_scale buffer is calibrated and shared
-
-    def start(self, raw_model):
-        if self.ddp:
-            for buffer in raw_model.buffers():
-                dist.broadcast(buffer, 0)
 
     def global_batch(self, stats, lm_loss, log_step, finite):
         """Returns the step's language-model loss, averaged over the ranks on a logging step.

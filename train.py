@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from checkpoint import check_init_from, rng_state, save_checkpoint, starting_point
 from configurator import ConfigError, apply_overrides
-from dataset import DATA, EVAL, NOISE, open_dataset, read_batch, seed_for, train_offsets  # noqa: F401 (DATA)
+from dataset import EVAL, NOISE, open_dataset, read_batch, seed_for, train_offsets
 from evals import ExtraEvals
 from faults import Interrupt, NonFiniteGuard
 from fast_experts import describe_impl
@@ -114,8 +114,8 @@ seed = 1337
 model_keys = [f.name for f in fields(GPTConfig)]
 for f in fields(GPTConfig):
     globals().setdefault(f.name, f.default)
-config_keys = [k for k, v in globals().items()
-               if not k.startswith('_') and isinstance(v, (int, float, bool, str, type(None)))
+config_keys = [k for k, v in globals().items()  # lower case: an imported constant (EVAL) is not a setting
+               if not k.startswith('_') and k.islower() and isinstance(v, (int, float, bool, str, type(None)))
                and k not in ('model_keys',)]
 annotations = {f.name: f.type for f in fields(GPTConfig)}
 try:
@@ -248,11 +248,10 @@ if compile:
     model = torch.compile(model)
 ddp_sync = DDPSync(ddp, ddp_world_size, device, master_process)  # nothing to do in one process
 if ddp:
-    # broadcast_buffers=False: rank 0 evaluates alone, and a forward that broadcasts buffers
-    # would be a collective the other ranks never join; the router buffers (DeepSeek-V3's
-    # bias, the hash map) are the same on every rank by construction, checked at the end
-    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
-ddp_sync.start(raw_model)  # every rank takes rank 0's buffers
+    # forward_sync_buffers=False: rank 0 evaluates alone, and a forward that broadcasts buffers
+    # would be a collective the other ranks never join. DDP gives every rank rank 0's buffers
+    # once, here; the router buffers (DeepSeek-V3's bias, the hash map) then stay equal, checked at the end
+    model = DDP(model, device_ids=[ddp_local_rank] if device_type == 'cuda' else None, forward_sync_buffers=False)
 
 
 @torch.no_grad()

@@ -149,6 +149,7 @@ def test_resume_errors_write_nothing(tiny_data, tmp_path):
     (['--router=switch'], ["router 'switch' needs top_k=1, got top_k=2", 'drop --top_k']),  # TINY sets top_k=2
     (['--lerning_rate=0.1'], ["'lerning_rate'", 'learning_rate']),
     (['--max_iters=ten'], ['max_iters expects int', "'ten'"]),
+    (['--EVAL=3'], ["unknown config key 'EVAL'"]),  # a constant train.py imports is not a setting
     (['--init_from=resume'], ['ckpt.pt does not exist']),
 ])
 def test_bad_settings_are_one_line_errors(tiny_data, tmp_path, args, fragments):
