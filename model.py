@@ -328,7 +328,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_tokens=None, return_experts=False):
         """Sample max_new_tokens tokens after idx [B, T], each among the top_tokens most likely
-        ones (None = all). With return_experts=True also
+        ones (None = all; 1 = greedy, the most likely). With return_experts=True also
         return, for each generated position, the top-1 expert of every MoE layer that
         processed the token that was fed in at that step: a list of {layer: [B] experts}
         (the expert with the largest gate weight; -1 if the token got none)."""
@@ -340,11 +340,13 @@ class GPT(nn.Module):
                 B, T = idx_cond.shape
                 experts.append({layer: r.top_expert(B * T).view(B, T)[:, -1] for layer, r in routings.items()})
             logits = logits[:, -1, :] / temperature
-            if top_tokens is not None:
-                v, _ = torch.topk(logits, min(top_tokens, logits.size(-1)))
-                logits[logits < v[:, [-1]]] = -float('Inf')
-            probs = F.softmax(logits, dim=-1)
-            idx_next = torch.multinomial(probs, num_samples=1)
+            if top_tokens == 1:  # greedy: no sampling (and no error from a model whose logits are NaN)
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                if top_tokens is not None:
+                    v, _ = torch.topk(logits, min(top_tokens, logits.size(-1)))
+                    logits[logits < v[:, [-1]]] = -float('Inf')
+                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
         return (idx, experts) if return_experts else idx
 

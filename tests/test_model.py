@@ -223,3 +223,20 @@ def test_generate_reports_experts():
     assert out.shape == (2, 9)
     assert len(experts) == 5 and set(experts[0]) == {0, 1}
     assert all(0 <= int(e) < 4 for step in experts for layer in step.values() for e in layer)
+
+
+def test_greedy_generation_is_the_argmax_and_survives_non_finite_weights():
+    """top_tokens=1 (train.py's exact-match answers) is greedy decoding: the oracle feeds back
+    the argmax of the last position's logits. A run that skips non-finite steps still
+    evaluates, possibly with NaN weights: the answers are then wrong, and nothing crashes."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16, n_exp=4)).eval()
+    idx = torch.randint(0, 20, (3, 4))
+    expected = idx
+    with torch.no_grad():
+        for _ in range(5):
+            logits = model(expected[:, -8:])[0][:, -1]
+            expected = torch.cat([expected, logits.argmax(dim=-1, keepdim=True)], dim=1)
+        assert torch.equal(model.generate(idx, 5, top_tokens=1), expected)
+        model.lm_head.weight.fill_(float('nan'))
+        assert model.generate(idx, 3, top_tokens=1).shape == (3, 7)
