@@ -193,6 +193,61 @@ def test_domains_too_small(tmp_path):
         load_prepare("domains").prepare(out_dir=str(tmp_path), n_chars=1, progress=False)
 
 
+def test_domains_only_keeps_the_mixture_weights_of_its_domains(tmp_path):
+    """--only=lists,english,records draws documents of those three domains in the proportions
+    the full mixture gives them, renormalised: a narrow dataset is the full one with the
+    other domains left out, not a new mixture. Weights made equal, or taken from the wrong
+    domains (e.g. the first three of the list instead of the picked ones), would change the
+    shares. These three lines have no newline inside (unlike code's blocks), so each
+    newline ends one document and counts it for the domain its label names."""
+    prepare = load_prepare("domains")
+    meta = prepare.prepare(out_dir=str(tmp_path), n_chars=400_000, seed=1337, progress=False,
+                           only="lists,english,records")
+    assert meta["only"] == ["lists", "english", "records"]
+    ids = np.concatenate([np.fromfile(tmp_path / f"{split}.bin", dtype=np.uint16) for split in ("train", "val")])
+    dom = np.concatenate([np.fromfile(tmp_path / f"{split}_domain.bin", dtype=np.uint8) for split in ("train", "val")])
+    docs = np.bincount(dom[ids == meta["stoi"]["\n"]], minlength=5)  # documents per domain id
+    assert docs[[0, 3]].sum() == 0  # arithmetic and code: none
+    n = docs.sum()
+    assert n > 8000  # ~40 characters a document
+    # the full mixture's weights (DOMAINS: lists 1.5, english 0.55, records 0.65), renormalised
+    # over the three picked: 1.5 / 2.7 = 0.556, 0.55 / 2.7 = 0.204, 0.65 / 2.7 = 0.241.
+    # Equal weights would give 0.333 each; the weights of the first three domains
+    # (arithmetic 4.0, lists 1.5, english 0.55) 0.661, 0.248, 0.091
+    weights = {name: w for name, _, w in prepare.DOMAINS}
+    assert (weights["lists"], weights["english"], weights["records"]) == (1.5, 0.55, 0.65)
+    expected = {"lists": 1.5 / 2.7, "english": 0.55 / 2.7, "records": 0.65 / 2.7}
+    for name, share in expected.items():
+        # each document's domain is an independent draw: the share's standard error is
+        # sqrt(p (1 - p) / n) <= 0.5 / sqrt(8000) = 0.0056, so 0.03 is over 5 of them, while
+        # the wrong mixtures above miss lists' or records' share by 0.1 or more
+        assert abs(docs[meta["domains"].index(name)] / n - share) < 0.03, (name, docs / n)
+
+
+def test_domains_only_ignores_the_order_and_repeats_of_names(tmp_path):
+    """--only names a set of domains: 'records,lists,records' is the dataset 'lists,records'
+    byte for byte. A name given twice must not count its mixture weight twice (the domains
+    are drawn by weight from the list of picked ids), nor the order change the draws."""
+    prepare = load_prepare("domains")
+    assert prepare.pick_domains("records, lists, records") == [1, 4]  # ids in DOMAINS' order, once each
+    prepare.prepare(out_dir=str(tmp_path / "a"), n_chars=20_000, progress=False, only="records,lists,records")
+    prepare.prepare(out_dir=str(tmp_path / "b"), n_chars=20_000, progress=False, only="lists,records")
+    assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
+
+
+def test_domains_val_is_never_empty(tmp_path):
+    """A val_fraction smaller than the last document: the split is still at a document's end
+    and val gets that last document, never nothing (an empty val.bin fails every eval)."""
+    meta = load_prepare("domains").prepare(out_dir=str(tmp_path), n_chars=3_000, val_fraction=0.001, progress=False)
+    val = np.fromfile(tmp_path / "val.bin", dtype=np.uint16)
+    train = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
+    val_domain = np.fromfile(tmp_path / "val_domain.bin", dtype=np.uint8)
+    newline = meta["stoi"]["\n"]
+    assert len(val) > 0 and train[-1] == newline and val[-1] == newline
+    # the last document alone, so a single domain label (0.001 of 3,000 characters is 3: less than any document)
+    assert len(set(val_domain.tolist())) == 1
+
+
 # ---------------------------------------------------------------------------
 # Shakespeare, characters and BPE, from local files
 

@@ -2,8 +2,10 @@
 fine-tuning a checkpoint on a narrow dataset, GPT-2's weights from a Hugging Face folder,
 and the exact-match answer accuracy reported at eval."""
 
+import contextlib
 import importlib.util
 import json
+import math
 import os
 import pickle
 
@@ -12,7 +14,8 @@ import pytest
 import torch
 
 from checkpoint import load_pretrained, load_start_weights
-from evals import answer_prompts, exact_match, loss_by_domain
+from dataset import Dataset
+from evals import ExtraEvals, answer_prompts, exact_match, loss_by_domain
 from model import GPT, GPTConfig, upcycle_state_dict
 from test_checkpoint import assert_one_line_error
 
@@ -110,6 +113,52 @@ def test_upcycle_copies_each_mlp_and_drop_upcycling_reinitialises_its_ratio():
     state = upcycle_state_dict(dense_state, config, noise=0.01, generator=torch.Generator().manual_seed(1))
     delta = state['transformer.h.1.ffn.experts.w_fc'][0] - w_fc
     assert 0.5 < float(delta.std() / (0.01 * w_fc.std())) < 1.5
+
+
+def test_upcycling_noise_follows_each_matrixs_own_spread():
+    """noise > 0 adds to each copied matrix Gaussian noise of std noise * std(that matrix):
+    W_fc's copies by W_fc's spread, W_proj's by W_proj's. Were one std used for both, the
+    experts of a layer whose two matrices differ in scale (as GPT-2's scaled c_proj init
+    makes them) would get noise far too large or too small in one of them. The two
+    matrices here differ 100-fold in spread, so a shared std is off by 100x."""
+    config = tiny_config(n_exp=4, expert_hidden=128)
+    dense_state = GPT(tiny_config()).state_dict()
+    g = torch.Generator().manual_seed(0)
+    for layer in range(2):
+        prefix = f'transformer.h.{layer}.ffn.'
+        dense_state[prefix + 'c_fc.weight'] = 0.5 * torch.randn(128, 32, generator=g)  # [h, d], std ~0.5
+        dense_state[prefix + 'c_proj.weight'] = 3.0 + 50.0 * torch.randn(32, 128, generator=g)  # std ~50, mean 3
+    state = upcycle_state_dict(dense_state, config, noise=0.1, generator=torch.Generator().manual_seed(1))
+    for layer in range(2):
+        prefix = f'transformer.h.{layer}.ffn.'
+        for name, dense_name in (('w_fc', 'c_fc'), ('w_proj', 'c_proj')):
+            w = dense_state[prefix + dense_name + '.weight'].t()
+            delta = state[prefix + 'experts.' + name] - w  # [4, ...]: the noise each copy got
+            # expected std: 0.1 * std(W). The sample std of n = 4 * 32 * 128 = 16384 normal draws
+            # has a relative standard error of 1 / sqrt(2n) ~ 0.0055, so 5% is ~9 standard errors
+            # wide: never a false alarm, while a borrowed std (100x off) is far outside it
+            assert abs(float(delta.std()) / (0.1 * float(w.std())) - 1) < 0.05, (layer, name)
+            # noise, not a shift: its mean is ~0 (standard error 0.1 * std / sqrt(n) ~ 0.0008 * std)
+            assert abs(float(delta.mean())) < 0.01 * float(w.std()), (layer, name)
+            # each expert gets its own draw: the copies' noises are uncorrelated (|r| ~ 1/sqrt(4096) = 0.016)
+            r = torch.corrcoef(delta.flatten(1)[:2])[0, 1]
+            assert abs(float(r)) < 0.1, (layer, name)
+    # Drop-Upcycling: the re-initialised units are drawn from N(mean(W), std(W)^2) of their own
+    # matrix: W_proj's fresh rows have W_proj's mean 3 and spread 50, W_fc's columns W_fc's
+    state = upcycle_state_dict(dense_state, config, drop_ratio=0.5, generator=torch.Generator().manual_seed(2))
+    w_fc = dense_state['transformer.h.1.ffn.c_fc.weight'].t()
+    w_proj = dense_state['transformer.h.1.ffn.c_proj.weight'].t()
+    fresh_fc, fresh_proj = [], []
+    for e in range(4):
+        units = (state['transformer.h.1.ffn.experts.w_fc'][e] != w_fc).any(dim=0)  # the 64 new hidden units
+        fresh_fc.append(state['transformer.h.1.ffn.experts.w_fc'][e][:, units])
+        fresh_proj.append(state['transformer.h.1.ffn.experts.w_proj'][e][units])
+    fresh_fc, fresh_proj = torch.cat(fresh_fc, 1), torch.cat(fresh_proj, 0)  # 4 * 64 * 32 = 8192 values each
+    # n = 8192: the std's relative standard error is 1 / sqrt(2n) ~ 0.008 (5% is ~6 of them);
+    # the mean's standard error std / sqrt(n) ~ 0.011 std, so 0.05 std is ~4.5 of them
+    for fresh, w in ((fresh_fc, w_fc), (fresh_proj, w_proj)):
+        assert abs(float(fresh.std()) / float(w.std()) - 1) < 0.05
+        assert abs(float(fresh.mean() - w.mean())) < 0.05 * float(w.std())
 
 
 def test_upcycling_refuses_what_it_cannot_copy():
@@ -298,6 +347,49 @@ def test_loss_by_domain_by_hand():
     assert 'other_domains_loss' not in loss_by_domain(torch.tensor([1.0, 3.0]), torch.tensor([0, 1]), ['a', 'b'], ['a', 'b'])
 
 
+class FixedPrediction(torch.nn.Module):
+    """A stand-in model whose every prediction is the same distribution probs over the
+    vocabulary, whatever its input: the loss of a predicted token t is exactly -log probs[t]."""
+
+    def __init__(self, probs):
+        super().__init__()
+        self.log_probs = torch.tensor(probs).log()
+
+    def forward(self, idx, targets=None):
+        return self.log_probs.expand(*idx.shape, -1), None, [], []
+
+
+def test_eval_also_labels_each_loss_with_the_domain_of_the_predicted_token(tmp_path):
+    """eval_also's loss per domain puts the loss of predicting token i+1 under the domain of
+    token i+1, the token predicted, not under that of token i, the one it is predicted from:
+    at a document boundary the first token of the new document counts for its own domain.
+    A stream where every token of domain a is 0 and every token of domain b is 1, in
+    documents of 3 and 2 tokens, under a model that always predicts probs: each domain's
+    loss is then exactly -log of its own token's probability, wherever the batches start;
+    read at the inputs' positions, each document's first token would count for the other
+    domain, and both domains' means would move."""
+    tokens = np.array([0, 0, 0, 1, 1] * 40, dtype=np.uint16)  # a a a b b, 200 tokens
+    tokens.tofile(tmp_path / 'val.bin')
+    tokens.astype(np.uint8).tofile(tmp_path / 'val_domain.bin')  # domain id = token id here
+    with open(tmp_path / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 3, 'domains': ['a', 'b']}, f)
+    # the run trains on a narrow dataset of domain a alone (prepare.py --only=a writes meta['only'])
+    data = Dataset('narrow', str(tmp_path), {'vocab_size': 3, 'only': ['a']}, 3, 'vocab_size in meta.pkl', {})
+    evals = ExtraEvals(data, eval_answers=0, eval_also=str(tmp_path), block_size=8, batch_size=4, eval_iters=3,
+                       device='cpu', ctx=contextlib.nullcontext(), verbose=False)
+    out = evals.also_loss(FixedPrediction([0.5, 0.3, 0.2]), torch.Generator().manual_seed(0))
+    # domain a's tokens are all 0: -log 0.5 = 0.6931; domain b's all 1: -log 0.3 = 1.2040
+    assert out['domain_loss'] == pytest.approx({'a': -math.log(0.5), 'b': -math.log(0.3)}, rel=1e-6)
+    # b is the domain the run does not train on: its tokens alone
+    assert out['other_domains_loss'] == pytest.approx(-math.log(0.3), rel=1e-6)
+    # the overall mean, over the same batches drawn here: 12 rows of 8 predicted tokens each
+    g = torch.Generator().manual_seed(0)
+    targets = np.concatenate([tokens[i + 1:i + 9] for _ in range(3)
+                              for i in torch.randint(len(tokens) - 8, (4,), generator=g).tolist()])
+    assert out['loss'] == pytest.approx(np.mean(-np.log(np.array([0.5, 0.3, 0.2])[targets])), rel=1e-6)
+    assert out['dataset'] == str(tmp_path)
+
+
 def test_eval_also_that_does_not_fit_is_one_line(runner, tiny_data, domains_data, tmp_path):
     full, _ = domains_data
     result = runner.run([*TINY, f'--data_dir={tiny_data}', f'--out_dir={tmp_path / "x"}', f'--eval_also={full}'])
@@ -322,6 +414,9 @@ def test_answer_prompts_finds_the_answers_by_hand():
     assert prompts.tolist() == [[stoi[c] for c in ' 4 9 -> '[-6:]]] and answers == [[stoi['9']]]
     # a context longer than what precedes the first answer: that match is skipped
     assert answer_prompts(tokens, labels, 0, [stoi['=']], newline, n=10, context=6)[1] == []
+    # a context exactly as long as what precedes it (5 tokens, '12+3='): the whole start is the prompt
+    prompts, answers = answer_prompts(tokens, labels, 0, [stoi['=']], newline, n=10, context=5)
+    assert prompts.tolist() == [[stoi[c] for c in '12+3=']] and answers == [[stoi['1'], stoi['5']]]
 
 
 def test_exact_match_by_hand():
