@@ -7,6 +7,7 @@ a real subprocess."""
 import json
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import time
 import pytest
 import torch
 
-from checkpoint import save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from routers import ROUTERS
 from dataset import load_meta
 
@@ -161,6 +162,78 @@ def test_meta_pkl_loads_plain_values_only(tmp_path):
     (tmp_path / 'meta.pkl').write_bytes(pickle.dumps({'stoi': {}}))
     with pytest.raises(ValueError, match='positive integer vocab_size'):
         load_meta(str(tmp_path))
+
+
+def test_meta_pkl_needs_a_positive_integer_vocab_size(tmp_path):
+    """vocab_size sizes the embedding and bounds every token id: it must be an int of at
+    least 1, not a bool (an int to isinstance), a float or a string."""
+    for vocab_size in (0, -1, True, 13.0, '13', None):
+        with open(tmp_path / 'meta.pkl', 'wb') as f:
+            pickle.dump({'vocab_size': vocab_size}, f)
+        with pytest.raises(ValueError, match='positive integer vocab_size'):
+            load_meta(str(tmp_path))
+    with open(tmp_path / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 1}, f)
+    assert load_meta(str(tmp_path)) == {'vocab_size': 1}
+
+
+def test_a_checkpoint_with_values_of_the_wrong_kind_is_damaged(tmp_path):
+    """A checkpoint that loads but whose parts have the wrong type is refused at load, in one
+    line, rather than failing somewhere in the run that uses it."""
+    path = str(tmp_path / 'ckpt.pt')
+    good = {'model': {'w': torch.ones(2)}, 'model_args': {'n_layer': 1}, 'optimizer': {}, 'iter_num': 4}
+    torch.save(good, path)
+    assert load_checkpoint(path)['iter_num'] == 4
+    for key, value, kind in (('model', [torch.ones(2)], 'list'), ('model_args', None, 'NoneType'),
+                             ('optimizer', [], 'list'), ('iter_num', '4', 'str'), ('iter_num', 4.0, 'float')):
+        torch.save({**good, key: value}, path)
+        with pytest.raises(CheckpointError) as damaged:
+            load_checkpoint(path)
+        assert str(damaged.value).startswith(f"checkpoint {path} is damaged: {key!r} is a {kind}, not a "), \
+            str(damaged.value)
+
+
+class CallsABuiltin:
+    """Unpickling this calls a builtin (eval or exec) on source that creates a marker file:
+    no import is needed, the pickle names only builtins.eval / builtins.exec."""
+
+    def __init__(self, builtin, path):
+        self.builtin, self.path = builtin, path
+
+    def __reduce__(self):
+        if self.builtin is eval:
+            return (eval, (f"__import__('pathlib').Path({self.path!r}).touch()",))
+        return (exec, (f"import pathlib; pathlib.Path({self.path!r}).touch()",))
+
+
+@pytest.mark.parametrize('builtin', [eval, exec], ids=['eval', 'exec'])
+def test_a_pickle_that_calls_a_builtin_is_refused(tmp_path, builtin):
+    """eval and exec live in the 'builtins' module, which an unpickler might think harmless
+    (it holds dict, list, int...): a meta.pkl or a checkpoint that calls them is refused
+    like any other code, nothing in it runs, and the error is one line naming the file."""
+    marker = tmp_path / 'it_ran'
+    evil = CallsABuiltin(builtin, str(marker))
+    for protocol in (0, pickle.HIGHEST_PROTOCOL):  # GLOBAL (text) and STACK_GLOBAL opcodes
+        with open(tmp_path / 'meta.pkl', 'wb') as f:
+            pickle.dump({'vocab_size': 3, 'itos': evil}, f, protocol=protocol)
+        with pytest.raises(ValueError) as refused:
+            load_meta(str(tmp_path))
+        assert not marker.exists()
+        message = str(refused.value)
+        assert '\n' not in message and str(tmp_path / 'meta.pkl') in message, message
+        # protocols 0-2 spell the module as Python 2 did, __builtin__
+        assert re.search(rf'was refused: it names (__builtin__|builtins)\.{builtin.__name__},', message), message
+        assert 'nothing in it was run' in message
+
+    ckpt = str(tmp_path / 'ckpt.pt')
+    for layout in ({'model': {'w': torch.ones(2)}, 'model_args': {}, 'iter_num': evil}, evil):
+        torch.save(layout, ckpt)
+        with pytest.raises(CheckpointError) as refused:
+            load_checkpoint(ckpt)
+        assert not marker.exists()
+        message = str(refused.value)
+        assert '\n' not in message and message.startswith(f'checkpoint {ckpt} was refused'), message
+        assert re.search(rf'\b{builtin.__name__}\b', message) and 'nothing in it was run' in message  # which one
 
 
 def test_a_meta_pkl_that_would_run_code_is_refused_by_train_and_sample(runner, tiny_data, good_run, tmp_path):

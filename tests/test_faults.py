@@ -4,11 +4,17 @@ keep the last checkpoint, or skip the step and count it. End to end through fork
 runner; the router-level finiteness tests are in test_routers.py."""
 
 import pickle
+import shutil
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
-from dataset import DATA, seed_for
+from checkpoint import starting_point
+from dataset import DATA, check_tokens, open_dataset, seed_for
+from faults import NonFiniteGuard
+from metrics import RoutingStats
 from model import GPTConfig
 from routers import build_router
 from test_checkpoint import TINY, assert_one_line_error, records
@@ -54,6 +60,16 @@ def test_a_bin_file_with_an_odd_number_of_bytes_is_refused(runner, tmp_path):
     result = runner.run([*TINY, f'--data_dir={data}', f'--out_dir={tmp_path / "out"}'])
     assert_one_line_error(result, str(data / 'train.bin'), '10001 bytes, an odd number')
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_token_id_equal_to_the_vocabulary_size_is_refused(tmp_path):
+    """Ids run 0 .. vocab_size - 1: the id vocab_size itself is one past the embedding."""
+    path = tmp_path / 'train.bin'
+    np.array([0, 5, 12, 3], dtype=np.uint16).tofile(path)
+    assert check_tokens(str(path), 13, 'meta.pkl') == 4  # 12, the largest id of 13, fits
+    np.array([0, 5, 13, 3], dtype=np.uint16).tofile(path)
+    with pytest.raises(ValueError, match='holds token id 13, but the vocabulary has 13 ids'):
+        check_tokens(str(path), 13, 'meta.pkl')
 
 
 # -----------------------------------------------------------------------------
@@ -139,3 +155,146 @@ def test_skip_nonfinite_skips_exactly_the_bad_steps_and_counts_them(runner, tmp_
         assert not torch.is_tensor(value) or torch.isfinite(value).all(), name
     val = [r for r in records(out_dir) if r['split'] == 'val']
     assert all(np.isfinite(r['loss']) for r in val)
+
+
+def test_a_resumed_run_keeps_counting_skipped_steps(runner, tmp_path):
+    """A run that skips steps, stopped at iteration 8 and resumed to 14, logs what one run
+    to 14 logs: its train lines' skipped_steps go on from the checkpoint's count, and the
+    checkpoint's other counters (iter_num, best_val_loss, evaluated) come back with it."""
+    args, out_dir, has_rare, bad = poisoned_expert_setup(tmp_path, runner)
+    args = [a for a in args if not a.startswith('--out_dir=')]
+    bad_steps = [it for it in range(2, 14) if has_rare(it)]
+    # steps skipped on both sides of the split, and a trained step after it to log the count
+    assert any(it < 8 for it in bad_steps) and any(it >= 8 for it in bad_steps), bad_steps
+    assert any(it >= 8 and it not in bad_steps for it in range(8, 14)), bad_steps
+    straight, split = tmp_path / 'straight', tmp_path / 'split'
+    shutil.copytree(out_dir, straight)  # both start from the poisoned checkpoint at iteration 2
+    shutil.copytree(out_dir, split)
+    resume = [*args, '--init_from=resume', '--skip_nonfinite=True']
+    result = runner.run([*resume, f'--out_dir={straight}', '--max_iters=14'])
+    assert result.returncode == 0, result.stderr
+    result = runner.run([*resume, f'--out_dir={split}', '--max_iters=8'])
+    assert result.returncode == 0, result.stderr
+
+    at_8 = torch.load(split / 'ckpt.pt', weights_only=True)
+    # saved right after the eval of 8 (eval_interval=2, always_save_checkpoint), counting the
+    # bad steps 2..7; the best val loss is the lowest one logged so far (every eval is finite:
+    # the val split lacks the rare token)
+    assert at_8['iter_num'] == 8 and at_8['evaluated'] is True
+    assert at_8['skipped_steps'] == sum(it < 8 for it in bad_steps) > 0
+    assert at_8['best_val_loss'] == min(r['loss'] for r in records(split) if r['split'] == 'val')
+    data = open_dataset('poisoned', str(tmp_path / 'data'), 16, len(VOCAB))
+    for eval_only in (False, True):
+        start = starting_point('resume', str(split), dict(at_8['model_args']), set(), data, 'cpu', eval_only)
+        assert (start.iter_num, start.best_val_loss, start.skipped_steps) == \
+            (8, at_8['best_val_loss'], at_8['skipped_steps'])
+        assert start.evaluated is not eval_only  # --eval_only evaluates even a checkpoint saved after its eval
+
+    result = runner.run([*resume, f'--out_dir={split}', '--max_iters=14'])
+    assert result.returncode == 0, result.stderr
+    expected, got = records(straight), records(split)
+    assert [(r['split'], r['iter']) for r in got] == [(r['split'], r['iter']) for r in expected]
+    volatile = ('time_ms', 'tokens_per_s', 'mfu')
+    for e, g in zip(expected, got):
+        assert {k: v for k, v in g.items() if k not in volatile} == \
+            {k: v for k, v in e.items() if k not in volatile}, (e['split'], e['iter'])
+    # the hand count: each train line says how many of the bad steps came before it
+    for r in got:
+        if r['split'] == 'train':
+            assert r['skipped_steps'] == sum(it < r['iter'] for it in bad_steps), r['iter']
+    a = torch.load(straight / 'ckpt.pt', weights_only=True)
+    b = torch.load(split / 'ckpt.pt', weights_only=True)
+    for key in ('iter_num', 'best_val_loss', 'evaluated', 'skipped_steps'):
+        assert a[key] == b[key], key
+    assert b['iter_num'] == 14 and b['skipped_steps'] == len(bad_steps)
+    for key in a['model']:
+        assert torch.equal(a['model'][key], b['model'][key]), key
+
+
+@pytest.mark.parametrize('router', ['aux_free', 'gatepro'])
+def test_a_skipped_step_routes_nothing_but_is_counted(runner, tiny_data, tmp_path, router):
+    """A skipped step never reaches the routers' own state: DeepSeek-V3's bias, moved by
+    the load of each step, stays where it was (train.py gives the routers zero loads); while
+    GatePro's step count, which places its window in training steps, counts it."""
+    out_dir = tmp_path / 'out'
+    # z_loss_coef=1e300 is inf in float32: every training loss is inf, while the eval's loss
+    # (the language-model loss alone) stays finite, so the run saves at its last iteration
+    router_args = ['--aux_free_update_rate=0.1'] if router == 'aux_free' else []  # a bias step easy to see
+    result = runner.run([*TINY, f'--data_dir={tiny_data}', f'--out_dir={out_dir}', f'--router={router}', '--top_k=2',
+                         *router_args, '--z_loss_coef=1e300', '--skip_nonfinite=True', '--max_iters=3',
+                         '--eval_interval=3', '--always_save_checkpoint=True'])
+    assert result.returncode == 0, result.stderr
+    skipped = [line for line in result.stdout.splitlines() if 'step skipped' in line]
+    assert [line.split()[4] for line in skipped] == ['0:', '1:', '2:'] and all('z inf' in line for line in skipped)
+    assert [r['split'] for r in records(out_dir)] == ['val', 'val']  # no train line: nothing was trained
+    ckpt = torch.load(out_dir / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 3 and ckpt['skipped_steps'] == 3
+    name = {'aux_free': 'expert_bias', 'gatepro': 'iter_num'}[router]
+    state = [value for key, value in ckpt['model'].items() if key.endswith(f'.ffn.router.{name}')]
+    assert state  # the one MoE layer of TINY
+    for value in state:
+        if router == 'aux_free':  # a fresh run's bias, 0, after three steps that routed nothing
+            assert torch.equal(value, torch.zeros(4)), value
+        else:  # three steps finished, all of them skipped: the next forward belongs to iteration 3
+            assert int(value) == 3
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_is_a_bad_step(capsys):
+    """The step's gradient norm is checked along with its loss: a finite loss whose gradient
+    overflowed must not reach the weights either, and the line says it was the gradient.
+    Under fp16 the loss scaler finds non-finite gradients itself, so only the loss counts."""
+    inf = torch.tensor(float('inf'))
+    loss = torch.tensor(2.5)
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    guard = NonFiniteGuard(skip=True, ddp=False, master_process=True, ckpt_path='out/ckpt.pt')
+    assert guard.is_finite(loss, torch.tensor(0.75), scaler)
+    assert guard.is_finite(loss, None, scaler)  # grad_clip=0: no norm is computed
+    assert not guard.is_finite(loss, inf, scaler)
+    assert not guard.is_finite(loss, torch.tensor(float('nan')), scaler)
+    assert not guard.is_finite(inf, torch.tensor(0.75), scaler)
+    assert guard.is_finite(loss, inf, torch.amp.GradScaler('cpu', enabled=True))
+
+    # skipped: one line, 2.5 and inf printed with :.4g
+    guard.skip_or_stop(7, loss, RoutingStats(), inf, saved_iter=None)
+    assert capsys.readouterr().out == ("non-finite gradient at iter 7: loss 2.5, gradient norm inf; router logits "
+                                       "finite in every layer; step skipped (1 so far)\n")
+    assert guard.skipped_steps == 1
+
+    # stopped: the same line on stderr, exit code 1, naming the checkpoint kept
+    guard = NonFiniteGuard(skip=False, ddp=False, master_process=True, ckpt_path='out/ckpt.pt')
+    with pytest.raises(SystemExit) as stopped:
+        guard.skip_or_stop(7, loss, RoutingStats(), inf, saved_iter=6)
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == ("error: non-finite gradient at iter 7: loss 2.5, gradient norm inf; router "
+                                       "logits finite in every layer; training stopped, out/ckpt.pt (iter 6) is "
+                                       "kept; --skip_nonfinite=True skips such steps\n")
+
+
+def test_the_message_names_the_first_router_that_went_non_finite_in_this_step(capsys):
+    """watch() collects, over a step's micro-steps, which MoE layers' router logits were not
+    finite; the line names the lowest one. A step that ends (finite, or skipped) forgets
+    them, so the next bad step names only its own."""
+    nan, ok = torch.tensor([[float('nan'), 0.0]]), torch.zeros(1, 2)
+    routings = lambda logits: {layer: SimpleNamespace(logits=value) for layer, value in logits.items()}
+    scaler = torch.amp.GradScaler('cpu', enabled=False)
+    guard = NonFiniteGuard(skip=True, ddp=False, master_process=True, ckpt_path='ckpt.pt')
+    nan_loss = torch.tensor(float('nan'))
+
+    def skipped_line(iter_num):
+        assert not guard.is_finite(nan_loss, None, scaler)
+        guard.skip_or_stop(iter_num, nan_loss, RoutingStats(), None, saved_iter=None)
+        return capsys.readouterr().out
+
+    # two micro-steps: layer 3 goes bad in the first, layer 1 in the second; layer 2 never
+    guard.watch(routings({1: ok, 2: ok, 3: nan}))
+    guard.watch(routings({1: nan, 2: ok, 3: ok}))
+    assert skipped_line(5) == "non-finite loss at iter 5: loss nan; first non-finite router logits in layer 1; " \
+                              "step skipped (1 so far)\n"
+    # the next step's logits are finite: the skipped step's bad layers are not reported again
+    guard.watch(routings({1: ok, 2: ok, 3: ok}))
+    assert 'router logits finite in every layer' in skipped_line(6)
+    # a finite step forgets its bad logits too
+    guard.watch(routings({1: ok, 2: nan, 3: ok}))
+    assert guard.is_finite(torch.tensor(1.0), None, scaler)
+    guard.watch(routings({1: ok, 2: ok, 3: nan}))
+    assert 'first non-finite router logits in layer 3;' in skipped_line(8)
