@@ -57,6 +57,32 @@ def test_balance_loss_per_sequence_by_hand():
     assert 'aux_loss_coef 0.01 per sequence' in router_config(aux_loss_per_sequence=True).describe()
 
 
+def test_balance_loss_per_sequence_reads_each_tokens_own_top2():
+    """With top_k = 2 the router lists its pairs choice-major (every first choice, then every
+    second choice); the per-sequence loss must count each token's own two experts inside its
+    own sequence. Top-1 cannot tell a token-major reading from the right one: this can."""
+    # E = 4, top-2, two sequences of T = 2 tokens; gate = identity on h = log(probs):
+    #   seq 0: t0 (.5, .3, .1, .1) picks 0 then 1;  t1 (.2, .6, .1, .1) picks 1 then 0
+    #   seq 1: t2 (.1, .1, .6, .2) picks 2 then 3;  t3 (.1, .1, .3, .5) picks 3 then 2
+    # pairs, choice-major: experts (0, 1, 2, 3 | 1, 0, 3, 2)
+    # per sequence, f = E/(kT) * counts = counts:
+    #   seq 0: counts (2, 2, 0, 0), P = (.35, .45, .1, .1)  -> 2*.35 + 2*.45 = 1.6
+    #   seq 1: counts (0, 0, 2, 2), P = (.1, .1, .45, .35)  -> 2*.45 + 2*.35 = 1.6
+    #   loss = (1.6 + 1.6) / 2 = 1.6
+    # read token-major instead, the rows would be (0, 1), (2, 3) | (1, 0), (3, 2): every
+    # sequence would look balanced, f = (1, 1, 1, 1), and the loss would be 1.0
+    # over the batch (Switch): f = 2/8 each, P = (.225, .275, .275, .225) -> 4 * .25 * 1 = 1.0
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.2, 0.6, 0.1, 0.1],
+                          [0.1, 0.1, 0.6, 0.2], [0.1, 0.1, 0.3, 0.5]])
+    for per_sequence, expected in ((True, 1.6), (False, 1.0)):
+        router = build_router(router_config(n_embd=4, n_exp=4, top_k=2, aux_loss_coef=0.5, z_loss_coef=0.0,
+                                            aux_loss_per_sequence=per_sequence))
+        set_gate(router, torch.eye(4).tolist())
+        routing = router(probs.log(), seq_len=2)
+        assert routing.expert_idx.tolist() == [0, 1, 2, 3, 1, 0, 3, 2]  # choice-major, as worked out above
+        assert routing.losses['aux'].item() == pytest.approx(0.5 * expected, abs=1e-6), per_sequence
+
+
 def test_z_loss_by_hand():
     # logsumexp([0, 0]) = ln 2; logsumexp([ln 3, 0]) = ln 4 = 2 ln 2
     # mean of squares = (ln2^2 + 4 ln2^2) / 2 = 2.5 ln2^2

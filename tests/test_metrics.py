@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from metrics import (RoutingStats, character_class, expert_overlap, gate_angle, gate_spectral_entropy, load_metrics,
-                     normalized_mutual_information, router_entropy, routing_variance)
-from routers import Routing, gate_similarity
+from metrics import (RoutingStats, character_class, expert_overlap, gate_angle, gate_cos_sim, gate_spectral_entropy,
+                     kept_pair_coactivation, load_metrics, normalized_mutual_information, router_entropy,
+                     routing_variance)
+from routers import Routing, gate_similarity, gatepro_partners
 
 
 def test_load_metrics_when_every_token_goes_to_expert_0():
@@ -74,6 +75,37 @@ def test_expert_overlap_by_hand():
     assert expert_overlap(torch.tensor([0, 0, 1]), out[:3], 2) is None
 
 
+def test_expert_overlap_groups_each_tokens_own_pairs_and_needs_every_pair_kept():
+    """Pairs are listed choice-major (p = c*N + t): the overlap must compare the outputs of
+    one token's experts, not of neighbouring pairs; and with a pair dropped a token has
+    fewer than k outputs, so the metric is not defined for the batch (0 tokens, not a value)."""
+    # token 0 owns pairs 0 and 2: (1, 0) and (0, 1), |cos| = 0
+    # token 1 owns pairs 1 and 3: (1, 0) and (1, 1), |cos| = 1/sqrt2 = .707107 -> sum .707107 over 2 tokens
+    # (neighbouring pairs (0, 1) and (2, 3) would give 1 + .707107)
+    token_idx = torch.tensor([0, 1, 0, 1])
+    out = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    total, n = expert_overlap(token_idx, out, 2)
+    assert (total.item(), int(n)) == (pytest.approx(1 / math.sqrt(2)), 2)
+    # the last pair dropped: token 1 keeps one output -> nothing counted
+    total, n = expert_overlap(token_idx, out, 2, kept=torch.tensor([True, True, True, False]))
+    assert (total.item(), int(n)) == (0.0, 0)
+    # through RoutingStats: the mean over the 2 tokens, .707107 / 2 = .353553; absent once a pair is dropped
+    logits = torch.zeros(2, 4)
+    stats = RoutingStats()
+    stats.add({0: Routing(token_idx, torch.tensor([0, 1, 2, 3]), torch.ones(4), logits, expert_out=out)})
+    assert stats.summary()[0]['expert_overlap'] == pytest.approx(1 / (2 * math.sqrt(2)))
+    stats = RoutingStats()
+    stats.add({0: Routing(token_idx, torch.tensor([0, 1, 2, 3]), torch.ones(4), logits, expert_out=out,
+                          kept=torch.tensor([True, True, True, False]))})
+    assert 'expert_overlap' not in stats.summary()[0]
+
+
+def test_gate_cos_sim_takes_absolute_cosines():
+    """gate_cos_sim is the mean |S_ij|: opposite gate rows are as alike as parallel ones
+    (they split the same direction), so a negative cosine must not cancel a positive one."""
+    # rows (1, 0), (-1, 0), (0, 1): S_01 = -1, S_02 = 0, S_12 = 0 -> mean |S| = 1/3 (the signed mean is -1/3)
+    assert gate_cos_sim(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])).item() == pytest.approx(1 / 3)
+
 def test_normalized_mutual_information_by_hand():
     assert normalized_mutual_information(torch.tensor([[5, 0], [0, 5]])) == pytest.approx(1.0)
     assert normalized_mutual_information(torch.tensor([[1, 1], [1, 1]])) == pytest.approx(0.0)
@@ -116,3 +148,86 @@ def test_specialization_table_and_score():
     row = stats.summary(tables=True)[0]
     assert row['expert_label_counts'] == [[0, 2], [2, 0], [1, 0], [0, 0]]
     assert row['specialization'] == pytest.approx(0.778979, abs=1e-5)
+
+
+# E = 4 gate rows: 0 and 1 nearly parallel, 2 and 3 nearly parallel, the two pairs orthogonal:
+# cos(0, 1) = cos(2, 3) = 1/sqrt(1.01) = .995, cos(1, 2) = cos(0, 3) = .0995, cos(0, 2) = cos(1, 3) = 0
+# -> partners j*(0) = 1, j*(1) = 0, j*(2) = 3, j*(3) = 2
+PAIRED_GATE = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [0.1, 1.0]])
+
+
+def test_coactivation_and_specialization_count_only_the_kept_pairs():
+    """Capacity leaves a dropped pair in the Routing (weight 0, kept False): pair
+    co-activation is its definition on the kept pairs only, and a token that kept no pair
+    has no top-1 expert, so the expert x label table counts it nowhere (not under expert 0,
+    nor under the last expert)."""
+    # five tokens, top-2, pairs choice-major (first choices of t0..t4, then second choices):
+    #   t0 asks (0, 1), keeps both        -> {0, 1}, top-1 expert 0 (weight .6 over .4)
+    #   t1 asks (1, 0), second dropped    -> {1},    top-1 expert 1
+    #   t2 asks (2, 3), keeps both        -> {2, 3}, top-1 expert 2
+    #   t3 asks (3, 2), both dropped      -> {},     no top-1 expert
+    #   t4 asks (0, 2), first dropped     -> {2},    top-1 expert 2 (its only kept pair)
+    expert_idx = torch.tensor([0, 1, 2, 3, 0, 1, 0, 3, 2, 2])
+    kept = torch.tensor([1, 1, 1, 0, 0, 1, 0, 1, 0, 1], dtype=torch.bool)
+    weight = torch.where(kept, torch.tensor([0.6] * 5 + [0.4] * 5), 0.0)  # a dropped pair weighs 0
+    routing = Routing(torch.arange(5).repeat(2), expert_idx, weight, torch.zeros(5, 4), gate_weight=PAIRED_GATE,
+                      kept=kept)
+    assert routing.top_expert(5).tolist() == [0, 1, 2, -1, 2]
+    # co-activation over N = 5 tokens, partners 0<->1, 2<->3, kept pairs only:
+    #   expert 0 with 1: t0 -> 1/5;  expert 1 with 0: t0 -> 1/5
+    #   expert 2 with 3: t2 -> 1/5;  expert 3 with 2: t2 -> 1/5;  mean over i = 1/5
+    # (the dropped pairs would add t1 to experts 0 and 1 and t3 to experts 2 and 3: 2/5)
+    assert kept_pair_coactivation(routing, gatepro_partners(PAIRED_GATE), 5).item() == pytest.approx(0.2)
+    # labels of t0..t4: 0, 1, 1, 0, 1. Table expert x label over the four tokens with an expert:
+    #   expert 0: t0 (label 0)         -> [1, 0]
+    #   expert 1: t1 (label 1)         -> [0, 1]
+    #   expert 2: t2, t4 (both label 1) -> [0, 2]
+    #   expert 3: none                 -> [0, 0]
+    # t3 (label 0) is in no row: under expert 0 it would make [2, 0], under expert 3 [1, 0]
+    # NMI: joint = table / 4, p_expert = (.25, .25, .5, 0), p_label = (.25, .75)
+    #   I = .25 ln 4 + .25 ln(4/3) + .5 ln(4/3) = .346574 + .215762 = .562335
+    #   H(expert) = 2 * .25 ln 4 + .5 ln 2 = 1.039721, H(label) = .25 ln 4 + .75 ln(4/3) = .562335
+    #   NMI = 2 * .562335 / 1.602056 = .702017
+    stats = RoutingStats(label_names=['a', 'b'])
+    stats.add({0: routing}, labels=torch.tensor([0, 1, 1, 0, 1]))
+    row = stats.summary(tables=True)[0]
+    assert row['pair_coactivation'] == pytest.approx(0.2)
+    assert row['expert_label_counts'] == [[1, 0], [0, 1], [0, 2], [0, 0]]
+    assert row['specialization'] == pytest.approx(0.702017, abs=1e-5)
+    # six of the ten pairs kept: loads (1, 2, 2, 1) / 6, and 4/10 dropped
+    assert row['load'] == pytest.approx([1 / 6, 2 / 6, 2 / 6, 1 / 6])
+    assert row['dropped_frac'] == pytest.approx(0.4)
+
+
+def test_a_token_that_no_expert_picked_has_no_top1_expert():
+    """Expert choice leaves some tokens in no pair at all (there is no kept mask to say so):
+    such a token has no top-1 expert and is in no row of the expert x label table, and
+    pair co-activation still divides by every token of the batch."""
+    # E = 3, N = 5, each expert takes its C = 2 best tokens by probability:
+    #   probs t0 (.7, .2, .1), t1 (.5, .4, .1), t2 (.1, .46, .44), t3 (.1, .2, .7), t4 (.3, .3, .4)
+    #   expert 0 takes t0 (.7), t1 (.5); expert 1 takes t2 (.46), t1 (.4); expert 2 takes t3 (.7), t2 (.44)
+    #   t4 is below every expert's second best: in no pair
+    token_idx = torch.tensor([0, 1, 2, 1, 3, 2])
+    expert_idx = torch.tensor([0, 0, 1, 1, 2, 2])
+    weight = torch.tensor([0.7, 0.5, 0.46, 0.4, 0.7, 0.44])
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.4, 0.1], [0.1, 0.46, 0.44], [0.1, 0.2, 0.7], [0.3, 0.3, 0.4]])
+    # gate rows (1, 0), (1, .1), (0, 1): cos(0, 1) = .995, cos(1, 2) = .0995, cos(0, 2) = 0
+    # -> partners j*(0) = 1, j*(1) = 0, j*(2) = 1
+    gate = PAIRED_GATE[:3]
+    routing = Routing(token_idx, expert_idx, weight, probs.log(), gate_weight=gate)
+    # top-1: t0 -> 0, t1 -> 0 (.5 over .4), t2 -> 1 (.46 over .44), t3 -> 2, t4 -> none
+    assert routing.top_expert(5).tolist() == [0, 0, 1, 2, -1]
+    # co-activation over all N = 5 tokens: expert 0 with 1 in t1, expert 1 with 0 in t1,
+    # expert 2 with 1 in t2 -> (1/5 + 1/5 + 1/5) / 3 = 1/5
+    assert kept_pair_coactivation(routing, gatepro_partners(gate), 5).item() == pytest.approx(0.2)
+    # labels of t0..t4: 0, 0, 1, 1, 0. Table over the four tokens with an expert:
+    #   expert 0: t0, t1 -> [2, 0];  expert 1: t2 -> [0, 1];  expert 2: t3 -> [0, 1]
+    # (t4, label 0, under expert 0 would make [3, 0], under expert 2 [1, 1])
+    # NMI: joint = table / 4, p_expert = (.5, .25, .25), p_label = (.5, .5)
+    #   I = .5 ln 2 + 2 * .25 ln 2 = ln 2;  H(expert) = 1.5 ln 2, H(label) = ln 2 -> 2 ln 2 / 2.5 ln 2 = .8
+    stats = RoutingStats(label_names=['a', 'b'])
+    stats.add({0: routing}, labels=torch.tensor([0, 0, 1, 1, 0]))
+    row = stats.summary(tables=True)[0]
+    assert row['pair_coactivation'] == pytest.approx(0.2)
+    assert row['expert_label_counts'] == [[2, 0], [0, 1], [0, 1]]
+    assert row['specialization'] == pytest.approx(0.8, abs=1e-6)
