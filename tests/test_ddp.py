@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+import system
 from test_checkpoint import TINY, records
+from test_faults import make_dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 
@@ -70,3 +73,131 @@ def test_loss_targets_give_every_rank_the_same_coefficients(tiny_data, tmp_path)
     scales = {k: v for k, v in state.items() if k.endswith('_loss_scale')}
     assert len(scales) == 2 * sum(k.endswith('ortho_loss_scale') for k in scales) > 0
     assert all(v > 0 for v in scales.values())
+
+
+def test_the_bias_moves_the_same_on_every_rank_between_log_steps(runner, tiny_data, tmp_path):
+    """With log_interval > 1 most steps log nothing, and on those only the load counts are
+    summed over the ranks: DeepSeek-V3's bias must still move by the global batch's load,
+    the same on both ranks and as in one process. Two micro-steps per rank also pin that
+    the noise index of rank r's micro-step m is r * accumulation + m (with one micro-step
+    per rank, as above, r + m gives the same indices)."""
+    args = [*TINY, f'--data_dir={tiny_data}', '--log_interval=4', '--router=aux_free', '--top_k=2',
+            '--aux_free_update_rate=0.003', '--dropout=0.1', '--gradient_accumulation_steps=4', '--max_iters=8',
+            '--eval_interval=8', '--always_save_checkpoint=True']
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    result = runner.run([*args, f'--out_dir={one}'])
+    assert result.returncode == 0, result.stderr
+    ddp = torchrun([*args, f'--out_dir={two}'])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert 'DDP: all 2 ranks hold the same weights and router state' in ddp.stdout
+    assert 'tokens per iteration: 256' in ddp.stdout  # 2 ranks x 2 micro-steps x 4 x 16
+
+    # iterations 0 and 4 log, the six others do not (on some of those, a rank's own half of
+    # the batch would move the bias another way than the whole batch does)
+    expected, got = records(one), records(two)
+    assert [(r['split'], r['iter']) for r in got] == [('val', 0), ('train', 0), ('train', 4), ('val', 8)]
+    assert [(r['split'], r['iter']) for r in expected] == [(r['split'], r['iter']) for r in got]
+    for e, g in zip(expected, got):
+        assert g['loss'] == pytest.approx(e['loss'], abs=1e-5), (e['split'], e['iter'])
+    a = torch.load(one / 'ckpt.pt', weights_only=True)['model']
+    b = torch.load(two / 'ckpt.pt', weights_only=True)['model']
+    biases = [k for k in a if k.endswith('expert_bias')]
+    assert biases and all(a[k].abs().sum() > 0 for k in biases)
+    for k in biases:
+        # each step adds +-0.003 (or 0) per expert: when every step's sign agrees the two
+        # float32 sums of 8 steps agree to ~1e-9; one sign that differs moves an entry by
+        # at least 0.003. 1e-6 lies between.
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), (k, a[k], b[k])
+
+
+def test_each_micro_step_draws_its_own_dropout(runner, tmp_path):
+    """The micro-steps of one step draw different dropout masks (each seeds the noise with
+    its own index in the global batch), not one mask repeated. On a stream of one repeated
+    token every micro-batch is the same rows, so the first step's logged loss with two
+    micro-steps, (L0 + L1) / 2, equals the one-micro-step run's L0 exactly without dropout
+    (the control: same model, same rows), and differs from it with dropout only because
+    micro-step 1 drew a mask of its own (a repeated mask gives (L0 + L0) / 2 = L0 exactly)."""
+    data = make_dataset(tmp_path / 'data', np.full(400, 5), np.full(400, 5))
+
+    def first_loss(accumulation, dropout):
+        out = tmp_path / f'out_{accumulation}_{dropout}'
+        result = runner.run([*TINY, f'--data_dir={data}', '--router=topk', f'--dropout={dropout}',
+                             f'--gradient_accumulation_steps={accumulation}', '--max_iters=1',
+                             '--eval_interval=1000', f'--out_dir={out}'])
+        assert result.returncode == 0, result.stderr
+        return [r['loss'] for r in records(out) if r['split'] == 'train' and r['iter'] == 0][0]
+
+    assert first_loss(2, 0.0) == first_loss(1, 0.0)  # x/2 + x/2 == x exactly in floating point
+    assert first_loss(2, 0.1) != first_loss(1, 0.1)
+
+
+# -----------------------------------------------------------------------------
+# DDPSync's collectives, called directly: a stand-in for torch.distributed plays the
+# other rank and hands back what it would send
+
+
+class Replica(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.arange(6.0).reshape(2, 3))
+        self.register_buffer('expert_bias', torch.zeros(4))
+
+
+def sent_by(model, monkeypatch):
+    """What a rank holding `model` sends in replicas_differ's all_gather_object."""
+    sent = []
+
+    def all_gather_object(out, obj):
+        sent.append(obj)
+        out[:] = [obj]
+
+    monkeypatch.setattr(system.dist, 'get_world_size', lambda: 1)
+    monkeypatch.setattr(system.dist, 'all_gather_object', all_gather_object)
+    system.replicas_differ(model)
+    return sent[0]
+
+
+def differ_on_rank0(model, rank1_sends, monkeypatch):
+    def all_gather_object(out, obj):
+        out[:] = [obj, rank1_sends]
+
+    monkeypatch.setattr(system.dist, 'get_world_size', lambda: 2)
+    monkeypatch.setattr(system.dist, 'all_gather_object', all_gather_object)
+    return system.replicas_differ(model)
+
+
+def test_replicas_differ_names_exactly_the_entries_another_rank_holds_differently(monkeypatch):
+    """The end-of-run check compares every rank's state with rank 0's, bit for bit: one
+    ulp off in one buffer is named (and nothing else), equal replicas name nothing."""
+    rank1 = Replica()
+    with torch.no_grad():
+        rank1.expert_bias[2] = torch.nextafter(torch.tensor(0.0), torch.tensor(1.0))  # the smallest step off 0
+    assert differ_on_rank0(Replica(), sent_by(rank1, monkeypatch), monkeypatch) == ['expert_bias']
+    assert differ_on_rank0(Replica(), sent_by(Replica(), monkeypatch), monkeypatch) == []
+
+
+def test_loss_scales_are_shared_again_until_every_one_is_calibrated(monkeypatch):
+    """Rank 1's side: it takes rank 0's coefficients (a 0 too), and as long as one of them
+    is still 0 (not calibrated: a loss of exactly 0 sets nothing) DDPSync shares again
+    after the next step; once all are set it stops, on every rank at once (the values
+    it decides on are rank 0's)."""
+    rank0_holds = [torch.tensor([0.5, 0.0]), torch.tensor([0.5, 0.25])]  # after step 1: one still 0; step 2: both
+    sources = []
+
+    def broadcast(tensor, src):  # rank 1 receives what rank 0 holds at this step
+        tensor.copy_(rank0_holds[len(sources)] if src == 0 else tensor)
+        sources.append(src)
+
+    monkeypatch.setattr(system.dist, 'broadcast', broadcast)
+    model = torch.nn.Module()
+    model.register_buffer('ortho_loss_scale', torch.tensor(0.75))  # rank 1's own calibrations, to be replaced
+    model.register_buffer('var_loss_scale', torch.tensor(0.125))
+    sync = system.DDPSync(ddp=True, world_size=2, device='cpu', master_process=False)
+    sync.share_router_state(model)
+    assert (model.ortho_loss_scale.item(), model.var_loss_scale.item()) == (0.5, 0.0)
+    assert sync.loss_scales_pending
+    sync.share_router_state(model)
+    assert (model.ortho_loss_scale.item(), model.var_loss_scale.item()) == (0.5, 0.25)
+    assert not sync.loss_scales_pending
+    sync.share_router_state(model)  # nothing left to share: no third broadcast
+    assert sources == [0, 0]
