@@ -20,6 +20,7 @@ rng_state          the torch, CUDA, numpy and Python generators, as tensors and 
 """
 
 import contextlib
+import json
 import os
 import pickle
 import random
@@ -173,6 +174,7 @@ class Start:
     best_val_loss: float = 1e9
     skipped_steps: int = 0  # steps skipped for a non-finite loss, over the whole run
     evaluated: bool = False  # saved right after the eval of iter_num: a resumed run does not evaluate again
+    eval_logged: bool = False  # the eval of iter_num is in the log (evaluated, even under eval_only)
 
     def load_weights(self, model, seed):
         """The starting weights into the freshly built model (nothing from scratch); one line
@@ -194,6 +196,42 @@ class Start:
             print(f"a new run from {self.source}" + (
                 f": upcycled, every expert of MoE layers {[i for i, _ in model.moe_layers()]} is a copy of its MLP"
                 if self.upcycle else '') + (f"; {len(fresh)} router tensors start fresh" if fresh else ''))
+
+    def open_log(self, path):
+        """The run's metrics.jsonl. A new run starts a new one. A resumed run goes on where its
+        checkpoint stands: lines logged after it (the run went on past its last save, then was
+        killed) would appear twice once the resumed run logs those iterations again, so they
+        are moved to metrics.replaced.jsonl beside it (appended, with a torn last line if
+        the kill cut one). Returns a line saying what moved, or ''."""
+        if self.init_from != 'resume':
+            open(path, 'w').close()
+            return ''
+        if not os.path.exists(path):
+            return ''
+        with open(path) as f:
+            lines = f.read().splitlines(keepends=True)
+        keep, moved = [], []
+        for line in lines:
+            try:
+                record = json.loads(line) if line.endswith('\n') else None  # no newline: torn by a kill
+            except ValueError:
+                record = None
+            # the checkpoint covers the training steps before its iteration, and that iteration's
+            # eval when it was saved right after it
+            covered = isinstance(record, dict) and (record.get('iter', 0) < self.iter_num or (
+                record.get('iter') == self.iter_num and record.get('split') == 'val' and self.eval_logged))
+            (keep if covered else moved).append(line)
+        if not moved:
+            return ''
+        replaced = os.path.join(os.path.dirname(path), 'metrics.replaced.jsonl')
+        with open(replaced, 'a') as f:
+            f.writelines(line if line.endswith('\n') else line + '\n' for line in moved)
+        tmp = path + '.tmp'
+        with open(tmp, 'w') as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+        return (f"{len(moved)} lines of {path} logged after the checkpoint's iter {self.iter_num} moved to "
+                f"{replaced}: this run logs those iterations again")
 
     def load_training_state(self, optimizer, scaler):
         """A resumed run's optimizer, loss scaler and random generators (nothing otherwise)."""
@@ -224,20 +262,44 @@ def check_init_from(init_from, upcycle_noise, upcycle_drop_ratio):
 
 
 def starting_point(init_from, out_dir, model_args, user_keys, data, device, eval_only=False, upcycle_noise=0.0,
-                   upcycle_drop_ratio=0.0):
+                   upcycle_drop_ratio=0.0, overwrite=False):
     """Where the run starts, as a Start. init_from: 'scratch'; 'resume' (out_dir/ckpt.pt: the
     same run goes on, shape keys from the checkpoint); or a new run from trained weights,
     at iteration 0 with a fresh optimizer, in its own out_dir, on any dataset with the same
     vocabulary: a checkpoint path (a dense one into an MoE is upcycled), a Hugging Face
     GPT-2 folder, or a GPT-2 name. model_args: GPTConfig's arguments from the config;
     user_keys: the keys the user set (the others may come from the checkpoint); data: the
-    dataset.Dataset the run trains on. Raises CheckpointError or ValueError (one line)."""
+    dataset.Dataset the run trains on. A new run into an out_dir that holds a checkpoint
+    would replace it at its first save: refused unless overwrite. Raises CheckpointError
+    or ValueError (one line)."""
     model_args = dict(model_args, vocab_size=data.vocab_size)  # no meta.pkl: GPT-2's 50257 padded to 50304
-    if init_from == 'scratch':
-        return Start(init_from, model_args)
     if init_from == 'resume':
         return _resume(out_dir, model_args, user_keys, data, device, eval_only)
-    return _from_trained(init_from, out_dir, model_args, user_keys, data, device, upcycle_noise, upcycle_drop_ratio)
+    if init_from == 'scratch':
+        start = Start(init_from, model_args)
+    else:
+        start = _from_trained(init_from, out_dir, model_args, user_keys, data, device, upcycle_noise,
+                              upcycle_drop_ratio)
+    if not overwrite:
+        refuse_to_replace(out_dir)
+    return start
+
+
+def refuse_to_replace(out_dir):
+    """Raise ValueError (one line) when out_dir holds a checkpoint, saying what it holds and
+    the ways on. Reads the checkpoint's counters only (its tensors are mapped, not read)."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            held = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+        what = f"iter {held['iter_num']}, val loss {held['best_val_loss']:.4f}"
+    except Exception:  # damaged or foreign: still not ours to replace
+        what = "unreadable"
+    raise ValueError(f"out_dir={out_dir} holds a checkpoint ({what}) that a new run would replace; continue it "
+                     f"with --init_from=resume, set another --out_dir, or replace it with --overwrite_out_dir=True")
 
 
 def _resume(out_dir, model_args, user_keys, data, device, eval_only):
@@ -265,7 +327,8 @@ def _resume(out_dir, model_args, user_keys, data, device, eval_only):
     # evaluated: saved right after this iteration's eval, which is in metrics.jsonl already
     return Start('resume', model_args, ckpt_path, checkpoint=checkpoint, iter_num=checkpoint['iter_num'],
                  best_val_loss=checkpoint['best_val_loss'], skipped_steps=checkpoint.get('skipped_steps', 0),
-                 evaluated=checkpoint.get('evaluated', True) and not eval_only)
+                 evaluated=checkpoint.get('evaluated', True) and not eval_only,
+                 eval_logged=checkpoint.get('evaluated', True))
 
 
 def _from_trained(init_from, out_dir, model_args, user_keys, data, device, upcycle_noise, upcycle_drop_ratio):

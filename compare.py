@@ -302,9 +302,14 @@ def train_run(name, router, seed, out_dir, command, env=None):
     with open(os.path.join(out_dir, 'run.json'), 'w') as f:
         json.dump(info, f, indent=1)
     log_path = os.path.join(out_dir, 'train.log')
+    executed = command
+    if os.path.exists(os.path.join(out_dir, 'ckpt.pt')) and '--init_from=resume' not in command:
+        # a run that did not finish starts again from scratch: the checkpoint train.py would
+        # refuse to replace is that run's own
+        executed = [*command, '--overwrite_out_dir=True']
     t0 = time.time()
     with open(log_path, 'w') as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        result = subprocess.run(executed, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
     wall = time.time() - t0
     if result.returncode != 0:
         # train.py ends bad settings with one 'error: ...' line: show it with the run

@@ -51,7 +51,9 @@ def fail(message):
 
 def read_metrics(out_dir):
     """The JSON lines of out_dir/metrics.jsonl, in file order. MetricsError with a one-line
-    message naming the file when it is missing, unreadable, empty or not JSON lines."""
+    message naming the file when it is missing, unreadable, empty or not JSON lines. A last
+    line without its newline that is not JSON is skipped: a run killed while writing it (or
+    still writing it) leaves it torn."""
     path = os.path.join(out_dir, 'metrics.jsonl')
     if not os.path.isdir(out_dir):
         raise MetricsError(f"{out_dir} is not a folder (give the out_dir of a train.py run)")
@@ -61,12 +63,15 @@ def read_metrics(out_dir):
     except OSError as e:
         raise MetricsError(f"cannot read {path}: {e.strerror or e}") from None
     lines = []
-    for n, line in enumerate(text.splitlines(), 1):
+    rows = text.splitlines()
+    for n, line in enumerate(rows, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
+            if n == len(rows) and not text.endswith('\n'):
+                break  # torn
             raise MetricsError(f"{path} line {n} is not JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get('iter'), int) or record.get('split') not in ('train', 'val'):
             raise MetricsError(f"{path} line {n} is not a train.py metrics line (needs 'iter' and 'split')")

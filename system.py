@@ -116,6 +116,7 @@ class DDPSync:
                            first step that sets them (ortho/var loss targets)
     finish(raw_model)      at the end: check that every rank holds the same weights and
                            router state, and leave the process group together
+    leave()                leave the process group together (a stop on a signal)
     """
 
     def __init__(self, ddp, world_size, device, master_process):
@@ -143,6 +144,13 @@ class DDPSync:
         if self.loss_scales_pending:
             self.loss_scales_pending = share_loss_scales(raw_model)
 
+    def leave(self):
+        """Leave the process group with every rank (a rank that tears gloo down while another
+        still talks to it can abort the process at exit)."""
+        if self.ddp:
+            dist.barrier()
+            dist.destroy_process_group()
+
     def finish(self, raw_model):
         """Exits with code 1, after one line on stderr, when the ranks ended with different models."""
         if not self.ddp:
@@ -157,8 +165,7 @@ class DDPSync:
                       file=sys.stderr)
             else:
                 print(f"DDP: all {self.world_size} ranks hold the same weights and router state")
-        dist.barrier()  # leave together: a rank that tears gloo down while another
-        dist.destroy_process_group()  # still talks to it can abort the process at exit
+        self.leave()
         if differ:
             sys.exit(1)
 

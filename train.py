@@ -10,8 +10,8 @@ nodes, node_rank 0 and 1, master_addr the address of node 0); add --device=cpu f
 $ torchrun --standalone --nproc_per_node=4 train.py config/train_shakespeare_char_moe.py
 $ torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=10.0.0.1 --master_port=29500 train.py
 
-Ctrl-C saves a checkpoint and exits (single process); --init_from=resume continues it, and
-any checkpoint, exactly where the run that wrote it stood.
+Ctrl-C or SIGTERM saves a checkpoint and exits (130, 143); --init_from=resume continues it,
+and any checkpoint, exactly where the run that wrote it stood.
 
 Every setting below is a config key. A bare argument is a config file (config/*.py),
 --key=value overrides one key; an unknown key or a value of the wrong type is an error.
@@ -25,6 +25,7 @@ beyond the loss), faults.py (Ctrl-C, a non-finite loss), system.py (device, DDP)
 import json
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, fields
@@ -39,7 +40,7 @@ from checkpoint import check_init_from, rng_state, save_checkpoint, starting_poi
 from configurator import ConfigError, apply_overrides
 from dataset import EVAL, NOISE, open_dataset, read_batch, seed_for, train_offsets
 from evals import ExtraEvals
-from faults import Interrupt, NonFiniteGuard
+from faults import Interrupt, NonFiniteGuard, hold_out_dir
 from fast_experts import describe_impl
 from metrics import RoutingStats, format_routing_table
 from model import GPT, GPTConfig
@@ -64,12 +65,13 @@ eval_only = False  # if True, evaluate once and exit
 eval_answers = 32  # val questions per domain with checkable answers (domains: arithmetic, lists), answered
 # greedily at each eval and scored by exact match; 0 = off
 always_save_checkpoint = False  # if False, save only when val loss improves
+overwrite_out_dir = False  # a new run into an out_dir holding a checkpoint: False = refuse, True = replace it
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or a new run from trained weights: a
 # checkpoint (ckpt.pt or its folder; a dense one with n_exp > 1 is upcycled), a Hugging Face GPT-2 folder, or
 # 'gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl' (downloaded; pip install transformers)
 upcycle_noise = 0.0  # upcycling: Gaussian noise on each expert's copy of the MLP, times the std of the weights
 upcycle_drop_ratio = 0.0  # upcycling: Drop-Upcycling's share of hidden units re-initialised per expert (paper: 0.5)
-save_on_interrupt = True  # Ctrl-C saves a checkpoint at the end of the step and exits (a second Ctrl-C: at once)
+save_on_interrupt = True  # Ctrl-C or SIGTERM saves a checkpoint after the step and exits (a second one: at once)
 skip_nonfinite = False  # a non-finite loss: False = stop (the last checkpoint is kept), True = skip that step
 # wandb logging (imported only when enabled)
 wandb_log = False
@@ -128,6 +130,7 @@ config = {k: globals()[k] for k in config_keys}  # logged and checkpointed
 # check the settings before anything is written
 try:
     check_init_from(init_from, upcycle_noise, upcycle_drop_ratio)
+    hold_out_dir(out_dir, create=False)  # only looks: is a live run training into it?
 except ValueError as e:
     fail(e)
 for key in ('batch_size', 'block_size', 'gradient_accumulation_steps', 'eval_iters', 'log_interval', 'eval_interval'):
@@ -205,7 +208,7 @@ def get_batch(split, ix=None, with_labels=False):
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 try:
     start = starting_point(init_from, out_dir, {k: config[k] for k in model_keys}, user_keys, data, device,
-                           eval_only, upcycle_noise, upcycle_drop_ratio)
+                           eval_only, upcycle_noise, upcycle_drop_ratio, overwrite_out_dir)
     gptconf = GPTConfig(**start.model_args)
     model = GPT(gptconf)
     start.load_weights(model, seed)
@@ -226,9 +229,14 @@ nonfinite = NonFiniteGuard(skip_nonfinite, ddp, master_process, ckpt_path, start
 
 if master_process:
     os.makedirs(out_dir, exist_ok=True)
+    try:
+        out_dir_lock = hold_out_dir(out_dir)  # held until this process ends: one live run per out_dir
+    except ValueError as e:
+        fail(e)
     metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-    if init_from != 'resume':
-        open(metrics_path, 'w').close()  # a new run starts a new log
+    moved = start.open_log(metrics_path)  # a new log, or a resumed one cut back to where the checkpoint stands
+    if moved:
+        print(moved)
     print(f"tokens per iteration: {tokens_per_iter:,}  device: {device}  dtype: {dtype}")
     print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, {model.get_num_active_params() / 1e6:.2f}M active per token")
     if gptconf.use_moe:
@@ -307,8 +315,12 @@ def get_lr(it):
 
 
 def log_json(record):
-    with open(metrics_path, 'a') as f:
-        f.write(json.dumps(record) + '\n')
+    try:
+        with open(metrics_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+    except OSError as e:  # a full disk: stop here, the checkpoint and the log so far are whole
+        print(f"error: cannot write {metrics_path}: {e.strerror or e}; training stopped", file=sys.stderr)
+        sys.exit(1)
 
 
 if wandb_log and master_process:
@@ -321,24 +333,41 @@ def save(evaluated):
     values, written atomically). evaluated: this iteration's eval is done and logged (a
     resumed run then skips it); False for a save on Ctrl-C."""
     global saved_iter
-    save_checkpoint({
-        'model': raw_model.state_dict(),  # router buffers (DeepSeek-V3's bias) and GatePro's step count included
-        'optimizer': optimizer.state_dict(),
-        'scaler': scaler.state_dict(),
-        'model_args': asdict(gptconf),
-        'iter_num': iter_num,
-        'best_val_loss': best_val_loss,
-        'config': config,
-        'evaluated': evaluated,
-        'skipped_steps': nonfinite.skipped_steps,
-        'rng': rng_state(),
-    }, ckpt_path)
+    try:
+        save_checkpoint({
+            'model': raw_model.state_dict(),  # router buffers (DeepSeek-V3's bias) and GatePro's step count included
+            'optimizer': optimizer.state_dict(),
+            'scaler': scaler.state_dict(),
+            'model_args': asdict(gptconf),
+            'iter_num': iter_num,
+            'best_val_loss': best_val_loss,
+            'config': config,
+            'evaluated': evaluated,
+            'skipped_steps': nonfinite.skipped_steps,
+            'rng': rng_state(),
+        }, ckpt_path)
+    except OSError as e:  # a full disk, no permission: the previous checkpoint is whole (atomic save)
+        kept = f"the checkpoint of iter {saved_iter} is kept" if saved_iter is not None else "none was written before"
+        print(f"error: cannot save {ckpt_path}: {e.strerror or e}; {kept}; training stopped: a run that cannot "
+              f"save would train on with nothing to go back to", file=sys.stderr)
+        sys.exit(1)
     saved_iter = iter_num
 
 
-interrupt = Interrupt()
-if save_on_interrupt and not ddp:  # under torchrun, Ctrl-C reaches torchrun too, and it ends the workers
-    interrupt.install()
+def stop_on_signal():
+    """Ctrl-C or SIGTERM, on any rank: save at the top of iteration iter_num, where a resumed
+    run continues exactly, and exit with 130 (SIGINT) or 143 (SIGTERM), every rank together."""
+    if master_process:
+        save(evaluated=False)
+        print(f"interrupted at iter {iter_num} ({interrupt.name}): checkpoint saved to {ckpt_path}; continue with "
+              f"--init_from=resume --out_dir={out_dir}", file=sys.stderr)
+    ddp_sync.leave()  # under DDP: wait for rank 0's save, then leave together
+    sys.exit(interrupt.exit_code)
+
+
+interrupt = Interrupt(ddp)
+if save_on_interrupt:  # under torchrun only SIGTERM: Ctrl-C reaches torchrun too, and it ends the workers
+    interrupt.install((signal.SIGTERM,) if ddp else (signal.SIGINT, signal.SIGTERM))
 
 # -----------------------------------------------------------------------------
 # training loop: iterations iter_num .. max_iters - 1 train; iteration max_iters is only
@@ -347,11 +376,8 @@ t0 = time.time()
 local_iter_num = 0
 running_mfu = -1.0
 while True:
-    if interrupt.requested:  # the top of an iteration: a resumed run continues exactly from here
-        save(evaluated=False)
-        print(f"interrupted at iter {iter_num}: checkpoint saved to {ckpt_path}; continue with --init_from=resume "
-              f"--out_dir={out_dir}", file=sys.stderr)
-        sys.exit(130)
+    if interrupt.requested:  # Ctrl-C or SIGTERM (on any rank): save and exit
+        stop_on_signal()
     lr = get_lr(iter_num) if decay_lr else learning_rate
     for param_group in optimizer.param_groups:
         param_group['lr'] = lr
@@ -398,7 +424,7 @@ while True:
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     # a non-finite loss (on any rank), or gradient outside fp16's loss scaling, must not reach the weights
-    finite = nonfinite.is_finite(step_loss, grad_norm, scaler)  # one sync per step
+    finite = nonfinite.is_finite(step_loss, grad_norm, scaler, interrupt)  # one sync per step (and the stop flag)
     if finite:
         scaler.step(optimizer)
         scaler.update()

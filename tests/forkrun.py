@@ -12,6 +12,7 @@ no torch operation itself, so forking it is safe.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,9 +26,12 @@ class ForkRunner:
         self.server = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
 
-    def run(self, args, script='train.py', cwd=REPO, timeout=240, sigint_after=None):
-        """sigint_after=(path, n): send the run SIGINT (Ctrl-C) once the file at path has n lines."""
-        watch = None if sigint_after is None else [str(sigint_after[0]), sigint_after[1]]
+    def run(self, args, script='train.py', cwd=REPO, timeout=240, sigint_after=None, signal_after=None):
+        """sigint_after=(path, n): send the run SIGINT (Ctrl-C) once the file at path has n lines;
+        signal_after=(path, n, signum): the same with another signal (SIGTERM, SIGKILL)."""
+        if sigint_after is not None:
+            signal_after = (*sigint_after, signal.SIGINT)
+        watch = None if signal_after is None else [str(signal_after[0]), signal_after[1], int(signal_after[2])]
         job = {'script': os.path.join(REPO, script), 'args': [str(a) for a in args], 'cwd': str(cwd),
                'timeout': timeout, 'sigint_after': watch}
         self.server.stdin.write(json.dumps(job) + '\n')
@@ -84,7 +88,6 @@ def serve():
     import model  # noqa: F401
     import system  # noqa: F401
 
-    import signal
     import time
     assert len(os.listdir('/proc/self/task')) == 1 if os.path.isdir('/proc/self/task') else True, \
         "the fork server must stay single-threaded"
@@ -107,7 +110,7 @@ def serve():
                 if watch and os.path.exists(watch[0]):
                     with open(watch[0]) as f:
                         if sum(1 for _ in f) >= watch[1]:
-                            os.kill(pid, signal.SIGINT)
+                            os.kill(pid, watch[2])
                             watch = None
                 if time.monotonic() > deadline:
                     os.kill(pid, signal.SIGKILL)

@@ -471,3 +471,21 @@ def test_compare_resume_from_continues_the_base_run(tmp_path, tiny_data):
     assert (cmp_dir / 'on-s1' / 'metrics.jsonl').read_text().splitlines()[:len(base_lines)] == base_lines
     results = (cmp_dir / 'results.md').read_text()
     assert re.search(r"^\| on \| [0-9]", results, re.M), results
+
+
+def test_compare_starts_an_unfinished_run_again_over_its_own_checkpoint(tmp_path, tiny_data):
+    """A run that saved a checkpoint but did not finish (no done.json: killed, or the machine
+    went away) starts again from scratch when the comparison is repeated: the checkpoint
+    train.py refuses to let a new run replace is that run's own, and compare.py says so."""
+    config = tiny_config(tmp_path, tiny_data)
+    args = ['compare.py', config, "--routers=['dense']", "--train={'max_iters': 4, 'always_save_checkpoint': True}"]
+    assert run(args).returncode == 0
+    run_dir = tmp_path / 'cmp' / 'dense-s1'
+    (run_dir / 'done.json').unlink()  # as a run killed after its last save leaves it
+    assert (run_dir / 'ckpt.pt').exists()
+    result = run(args)
+    assert result.returncode == 0, result.stderr
+    assert (run_dir / 'done.json').exists() and 'holds a checkpoint' not in (run_dir / 'train.log').read_text()
+    # what it records is the planned command, so the next repeat finds it finished
+    assert '--overwrite_out_dir' not in json.loads((run_dir / 'done.json').read_text())['command']
+    assert 'skipping dense-s1: finished' in run(args).stdout
