@@ -19,7 +19,8 @@ The model keys are the fields of GPTConfig in model.py, and the routing keys (ro
 n_exp, top_k, loss coefficients, each router's knobs) those of RouterConfig in routers.py.
 What each optional part does lives in the file named where it is called: checkpoint.py
 (where a run starts, saving), dataset.py (the data and its seeds), evals.py (the evals
-beyond the loss), faults.py (Ctrl-C, a non-finite loss), system.py (device, DDP).
+beyond the loss), faults.py (Ctrl-C and SIGTERM, a non-finite loss, one run per out_dir),
+system.py (device, DDP).
 """
 
 import json
