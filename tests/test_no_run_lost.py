@@ -139,8 +139,11 @@ def test_sigterm_to_one_rank_stops_every_rank_at_one_iteration(tiny_data, tmp_pa
             time.sleep(0.05)
         os.kill(worker_pid(process.pid, 1), signal.SIGTERM)
         stdout, stderr = process.communicate(timeout=60)
-    finally:
+    finally:  # a rank stuck in a collective would outlive torchrun: end the workers first
+        for pid in filter(None, (worker_pid(process.pid, rank) for rank in (0, 1))):
+            os.kill(pid, signal.SIGKILL)
         process.kill()
+        process.wait()
     assert '(a signal on another rank): checkpoint saved to' in stderr, stderr[-3000:]  # rank 0 did not get it
     ckpt = torch.load(out_dir / 'ckpt.pt', weights_only=True)
     assert ckpt['iter_num'] == records(out_dir)[-1]['iter'] + 1  # the iteration after the last trained step
