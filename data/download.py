@@ -24,6 +24,19 @@ def one_line(exc):
     return " ".join(f"{type(exc).__name__}: {exc}".split())
 
 
+def gpt2_encoding(hint=""):
+    """tiktoken's GPT-2 encoding; a PrepareError (one line, ending with hint) when its BPE
+    file is neither cached nor downloadable."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken's fetch raises requests/OS/blob errors; all mean "no BPE file"
+        raise PrepareError(
+            f"could not load tiktoken's 'gpt2' encoding ({one_line(e)}); tiktoken needs the network once "
+            f"to download and cache its BPE file (TIKTOKEN_CACHE_DIR){hint}"
+        ) from None
+
+
 def fetch(url, timeout=15):
     """Return the body of url as text. A separate function so tests can replace it."""
     with urllib.request.urlopen(url, timeout=timeout) as response:

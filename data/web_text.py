@@ -40,23 +40,13 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from download import PrepareError, one_line, write_atomic
+from download import PrepareError, gpt2_encoding, one_line, write_atomic
 
 SPLITS = ("train", "val")
 VAL_EVERY = 2000  # 1 document in 2000 to val: nanoGPT's OpenWebText split (test_size=0.0005)
 BATCH_DOCS = 512  # documents per batch handed to a tokenizer process
 CHECKPOINT_TOKENS = 2**26  # sync the .tmp files and record the progress every ~64M tokens (128 MB)
 LOCAL_SUFFIXES = (".parquet", ".jsonl", ".txt")
-
-
-def gpt2_encoding():
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken's fetch raises requests/OS/blob errors; all mean "no BPE file"
-        raise PrepareError(
-            f"could not load tiktoken's 'gpt2' encoding ({one_line(e)}); tiktoken needs the network once "
-            f"to download and cache its BPE file (TIKTOKEN_CACHE_DIR)"
-        ) from None
 
 
 # -----------------------------------------------------------------------------

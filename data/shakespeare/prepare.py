@@ -21,20 +21,14 @@ import tiktoken
 DATA_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if DATA_DIR not in sys.path:
     sys.path.insert(0, DATA_DIR)
-from download import TINY_SHAKESPEARE_URL, PrepareError, load_text, parse_args, one_line, run_cli, write_atomic  # noqa: E402
+import download  # noqa: E402
+from download import TINY_SHAKESPEARE_URL, PrepareError, load_text, parse_args, run_cli, write_atomic  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def gpt2_encoding():
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken's fetch raises requests/OS/blob errors; all mean "no BPE file"
-        raise PrepareError(
-            f"could not load tiktoken's 'gpt2' encoding ({one_line(e)}); tiktoken needs the network once "
-            f"to download and cache its BPE file (TIKTOKEN_CACHE_DIR), or use data/shakespeare_char "
-            f"which works offline with --input PATH"
-        ) from None
+    return download.gpt2_encoding(", or use data/shakespeare_char which works offline with --input PATH")
 
 
 def prepare(input_path=None, out_dir=None, encoding=None, url=TINY_SHAKESPEARE_URL):
