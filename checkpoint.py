@@ -173,8 +173,13 @@ class Start:
     iter_num: int = 0
     best_val_loss: float = 1e9
     skipped_steps: int = 0  # steps skipped for a non-finite loss, over the whole run
-    evaluated: bool = False  # saved right after the eval of iter_num: a resumed run does not evaluate again
-    eval_logged: bool = False  # the eval of iter_num is in the log (evaluated, even under eval_only)
+    eval_logged: bool = False  # saved right after the eval of iter_num, which is in the log already
+    eval_only: bool = False
+
+    @property
+    def evaluated(self):
+        """iter_num's eval is done: a resumed run does not repeat it (--eval_only does)."""
+        return self.eval_logged and not self.eval_only
 
     def load_weights(self, model, seed):
         """The starting weights into the freshly built model (nothing from scratch); one line
@@ -327,8 +332,7 @@ def _resume(out_dir, model_args, user_keys, data, device, eval_only):
     # evaluated: saved right after this iteration's eval, which is in metrics.jsonl already
     return Start('resume', model_args, ckpt_path, checkpoint=checkpoint, iter_num=checkpoint['iter_num'],
                  best_val_loss=checkpoint['best_val_loss'], skipped_steps=checkpoint.get('skipped_steps', 0),
-                 evaluated=checkpoint.get('evaluated', True) and not eval_only,
-                 eval_logged=checkpoint.get('evaluated', True))
+                 eval_logged=checkpoint.get('evaluated', True), eval_only=eval_only)
 
 
 def _from_trained(init_from, out_dir, model_args, user_keys, data, device, upcycle_noise, upcycle_drop_ratio):

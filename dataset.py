@@ -53,7 +53,7 @@ class Dataset:
         if self.class_of_token is not None:
             return self.class_of_token[x]
         domains = np.memmap(self.path(split, '_domain'), dtype=np.uint8, mode='r')
-        return torch.stack([torch.from_numpy(domains[i:i + block_size].astype(np.int64)) for i in ix])
+        return read_batch(domains, ix, block_size)[0]  # the rows' own positions
 
 
 def open_dataset(name, data_dir, block_size, vocab_size, make_default=True):

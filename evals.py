@@ -122,9 +122,8 @@ class ExtraEvals:
             with self.ctx:
                 logits = model(x, y)[0]
             loss_batches.append(F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction='none'))
-            if labels is not None:
-                label_batches.append(torch.stack([torch.from_numpy(labels[i + 1:i + 1 + block_size].astype(np.int64))
-                                                  for i in ix]).view(-1))
+            if labels is not None:  # the domain of each predicted token: y's positions
+                label_batches.append(read_batch(labels, ix, block_size)[1].view(-1))
         model.train()
         token_loss = torch.cat(loss_batches).cpu()  # one read-back for the whole evaluation
         if labels is None:

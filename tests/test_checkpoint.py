@@ -39,6 +39,14 @@ def records(out_dir):
         return [json.loads(line) for line in f]
 
 
+VOLATILE = ('time_ms', 'tokens_per_s', 'mfu')
+
+
+def without_times(record):
+    """A metrics.jsonl line without the fields that time the run: what a repeated run repeats."""
+    return {k: v for k, v in record.items() if k not in VOLATILE}
+
+
 @pytest.fixture(scope='module')
 def good_run(runner, tiny_data, tmp_path_factory):
     """A checkpoint of 2 iterations (its bytes), and the args that made it."""
@@ -328,7 +336,6 @@ ROUTER_ARGS = {
     'aux_free': ['--top_k=2', '--aux_free_update_rate=0.003'],  # a bias that has moved by N (0.1 flips back and forth)
     'hash': [],
 }
-VOLATILE = ('time_ms', 'tokens_per_s', 'mfu')
 
 
 def test_resume_covers_every_router():
@@ -355,16 +362,13 @@ def test_resume_repeats_the_straight_run_bit_for_bit(runner, tiny_data, tmp_path
     assert result.returncode == 0, result.stderr
     assert f'resuming from {split / "ckpt.pt"} at iter {N}' in result.stdout
 
-    def strip(record):
-        return {k: v for k, v in record.items() if k not in VOLATILE}
-
     expected, got = records(straight), records(split)
     assert [(r['split'], r['iter']) for r in expected] == (
         [('val', 0)] + [('train', i) for i in range(N)] + [('val', N)] + [('train', i) for i in range(N, 2 * N)]
         + [('val', 2 * N)])
     assert [(r['split'], r['iter']) for r in got] == [(r['split'], r['iter']) for r in expected]
     for e, g in zip(expected, got):
-        assert strip(e) == strip(g), (e['split'], e['iter'])
+        assert without_times(e) == without_times(g), (e['split'], e['iter'])
     a = torch.load(straight / 'ckpt.pt', weights_only=True)
     b = torch.load(split / 'ckpt.pt', weights_only=True)
     assert a['iter_num'] == b['iter_num'] == 2 * N

@@ -23,6 +23,19 @@ def torchrun(args):
                           env={**os.environ, 'OMP_NUM_THREADS': '1'}, cwd=REPO)
 
 
+def one_process_and_two_ranks(runner, args, tmp_path, tokens_per_iter):
+    """The same run in one process and under torchrun on 2 ranks (tmp_path/one, tmp_path/two),
+    both finished, the ranks holding one model at the end."""
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    result = runner.run([*args, f'--out_dir={one}'])
+    assert result.returncode == 0, result.stderr
+    ddp = torchrun([*args, f'--out_dir={two}'])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert 'DDP: all 2 ranks hold the same weights and router state' in ddp.stdout
+    assert f'tokens per iteration: {tokens_per_iter:,}' in ddp.stdout
+    return one, two
+
+
 def test_two_ranks_train_exactly_what_one_process_trains(runner, tiny_data, tmp_path):
     """Same losses (to 1e-5), same routing metrics (the logged counts are the global
     batch's), and the same DeepSeek-V3 bias on both ranks and in the single process:
@@ -31,13 +44,7 @@ def test_two_ranks_train_exactly_what_one_process_trains(runner, tiny_data, tmp_
     args = [*TINY, f'--data_dir={tiny_data}', '--router=aux_free', '--top_k=2', '--aux_free_update_rate=0.003',
             '--dropout=0.1', '--gradient_accumulation_steps=2', '--max_iters=4', '--eval_interval=4',
             '--always_save_checkpoint=True']
-    one, two = tmp_path / 'one', tmp_path / 'two'
-    result = runner.run([*args, f'--out_dir={one}'])
-    assert result.returncode == 0, result.stderr
-    ddp = torchrun([*args, f'--out_dir={two}'])
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert 'DDP: all 2 ranks hold the same weights and router state' in ddp.stdout
-    assert 'tokens per iteration: 128' in ddp.stdout  # 2 ranks x 1 micro-step x 4 x 16
+    one, two = one_process_and_two_ranks(runner, args, tmp_path, 128)  # 2 ranks x 1 micro-step x 4 x 16
 
     expected, got = records(one), records(two)
     assert [(r['split'], r['iter']) for r in got] == [(r['split'], r['iter']) for r in expected]
@@ -84,13 +91,7 @@ def test_the_bias_moves_the_same_on_every_rank_between_log_steps(runner, tiny_da
     args = [*TINY, f'--data_dir={tiny_data}', '--log_interval=4', '--router=aux_free', '--top_k=2',
             '--aux_free_update_rate=0.003', '--dropout=0.1', '--gradient_accumulation_steps=4', '--max_iters=8',
             '--eval_interval=8', '--always_save_checkpoint=True']
-    one, two = tmp_path / 'one', tmp_path / 'two'
-    result = runner.run([*args, f'--out_dir={one}'])
-    assert result.returncode == 0, result.stderr
-    ddp = torchrun([*args, f'--out_dir={two}'])
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert 'DDP: all 2 ranks hold the same weights and router state' in ddp.stdout
-    assert 'tokens per iteration: 256' in ddp.stdout  # 2 ranks x 2 micro-steps x 4 x 16
+    one, two = one_process_and_two_ranks(runner, args, tmp_path, 256)  # 2 ranks x 2 micro-steps x 4 x 16
 
     # iterations 0 and 4 log, the six others do not (on some of those, a rank's own half of
     # the batch would move the bias another way than the whole batch does)

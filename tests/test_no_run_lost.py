@@ -16,14 +16,11 @@ import pytest
 import torch
 
 import plot
-from test_checkpoint import REPO, TINY, assert_one_line_error, records
-
-VOLATILE = ('time_ms', 'tokens_per_s', 'mfu')
+from test_checkpoint import REPO, TINY, assert_one_line_error, records, without_times
 
 
 def steady(rows):
-    """The log's lines without the fields that time the run."""
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+    return [without_times(r) for r in rows]
 
 
 # -----------------------------------------------------------------------------

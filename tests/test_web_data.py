@@ -13,7 +13,6 @@ the real model: the parameter count exactly at full size, the optimizer state af
 step, and the activations autograd saves at a reduced width.
 """
 import ast
-import importlib.util
 import json
 import os
 import pickle
@@ -34,17 +33,10 @@ from torch.utils._pytree import tree_leaves
 from dataset import load_meta, open_dataset
 from model import GPT, GPTConfig
 from test_checkpoint import records
+from test_data import load_prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 SCRIPTS = ["fineweb_edu", "openwebtext"]
-
-
-def load_prepare(name):
-    path = os.path.join(ROOT, "data", name, "prepare.py")
-    spec = importlib.util.spec_from_file_location(f"prepare_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # byte-level BPE with two merges, GPT-2's pre-tokenizer, and <|endoftext|> as id 258
