@@ -70,6 +70,13 @@ model.to(device)
 if compile:
     model = torch.compile(model)
 
+if start.startswith('FILE:'):  # read before the prompt's characters are checked against the dataset's
+    try:
+        with open(start[5:], 'r', encoding='utf-8') as f:
+            start = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"cannot read the prompt file {start[5:]}: {getattr(e, 'strerror', None) or e}; check --start=FILE:path")
+
 # the tokenizer: the dataset's meta.pkl (characters or a tiktoken encoding name)
 train_config = checkpoint.get('config') if isinstance(checkpoint.get('config'), dict) else {}
 repo_dir = os.path.dirname(os.path.abspath(__file__))
@@ -91,9 +98,6 @@ else:
     encode = lambda s: enc.encode(s, allowed_special={'<|endoftext|>'})
     decode = lambda ids: enc.decode(ids)
 
-if start.startswith('FILE:'):
-    with open(start[5:], 'r', encoding='utf-8') as f:
-        start = f.read()
 start_ids = encode(start)
 if not start_ids:
     fail("the prompt --start is empty; give at least one token")
@@ -106,11 +110,24 @@ def expert_char(e):
     return '.' if e < 0 else (symbols[e] if e < len(symbols) else '+')
 
 
+def newline_mark():
+    # a newline would break the rows apart, and '|' is a character of the datasets: show it
+    # as an arrow, unless the terminal cannot print one
+    try:
+        '\u21b5'.encode(sys.stdout.encoding or 'ascii')
+        return '\u21b5'
+    except (UnicodeEncodeError, LookupError):
+        return '~'
+
+
 def show_routing(tokens, experts, width=80):
     """Print the text in rows of `width` characters, each followed by one row per MoE layer
-    with the expert that processed the character above it. Newlines show as '|'."""
+    with the expert that processed the character above it. A newline shows as newline_mark()."""
     layers = sorted(experts[0]) if experts else []
-    text = ''.join(t.replace('\n', '|') for t in tokens)
+    newline = newline_mark()
+    print(f"(a newline shows as {newline}; under each character, the expert that gave it the largest weight "
+          f"in each layer: 0-9, a-z, A-Z for experts 0 to 61, '+' beyond; '.' = no expert)")
+    text = ''.join(t.replace('\n', newline) for t in tokens)
     rows = {layer: ''.join(expert_char(e[layer]) * len(t) for t, e in zip(tokens, experts)) for layer in layers}
     for i in range(0, len(text), width):
         print(text[i:i + width])

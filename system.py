@@ -66,7 +66,10 @@ A100_PEAK = 312e12
 
 def peak_flops(device_name):
     """(peak FLOP/s, what it is) for MFU: the GPU's own dense bf16 peak where PEAK_TFLOPS
-    knows its name, else an A100's, and the text says so."""
+    knows its name, else an A100's, and the text says so. (None, why) on a CPU or a Mac's
+    GPU: a percentage of a datacenter GPU's peak says nothing about them."""
+    if device_name in ('cpu', 'mps'):
+        return None, f"not shown on {device_name} (MFU is measured against an NVIDIA GPU's peak FLOP/s)"
     for key, tflops in PEAK_TFLOPS:
         if key in device_name:
             return tflops * 1e12, f"{device_name}'s peak, {tflops} TFLOPS"

@@ -246,10 +246,11 @@ if master_process:
         impl, why = describe_impl(gptconf.expert_impl, device_type, capability, PTDTYPES[dtype], gptconf.n_embd,
                                   gptconf.expert_hidden)
         print(f"experts: {impl} ({why})")
-# MFU against the GPU's own peak where system.PEAK_TFLOPS knows it
+# MFU against the GPU's own peak where system.PEAK_TFLOPS knows it; none on a CPU
 peak, peak_source = peak_flops(torch.cuda.get_device_name(device) if device_type == 'cuda' else device_type)
 if master_process:
-    print(f"mfu: against {peak_source}")
+    print(f"iter lines: time and tok/s of the training step alone (an eval's time is on its step line); "
+          f"mfu {'against ' if peak else ''}{peak_source}")
 
 raw_model = model
 if compile:
@@ -290,11 +291,12 @@ def evaluate(it, lr):
     """The eval of iteration it: the losses, the routing of the val batches and the extra
     evals, printed and logged. Returns the val loss."""
     eval_generator.manual_seed(seed_for(seed, it, EVAL))  # the eval batches of this iteration
+    eval_start = time.time()
     losses, val_stats = estimate_loss()
     extra = extra_evals.run(model, raw_model, eval_generator)  # answers, eval_also (evals.py)
     val_stats = val_stats.to_host()[0]  # the eval's routing numbers, read back in one transfer
     layers = val_stats.summary(tables=True)
-    print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (eval {time.time() - eval_start:.1f}s)")
     for line in extra_evals.describe(extra) + ([format_routing_table(layers)] if layers else []):
         print(line)
     log_json({'iter': it, 'split': 'val', 'loss': losses['val'], 'train_loss': losses['train'], 'lr': lr,
@@ -373,7 +375,7 @@ if save_on_interrupt:  # under torchrun only SIGTERM: Ctrl-C reaches torchrun to
 # -----------------------------------------------------------------------------
 # training loop: iterations iter_num .. max_iters - 1 train; iteration max_iters is only
 # evaluated (and saved when it improves), so a run never ends on a step it did not save
-t0 = time.time()
+t0 = run_start = time.time()
 local_iter_num = 0
 running_mfu = -1.0
 while True:
@@ -392,6 +394,7 @@ while True:
             if iter_num > 0:
                 print(f"saving checkpoint to {out_dir}")
                 save(evaluated=True)
+        t0 = time.time()  # the step's time starts after its eval and save
     if eval_only or iter_num >= max_iters:
         break
 
@@ -448,20 +451,24 @@ while True:
         host_stats, host = step_stats.to_host(lm_loss=step_lm_loss)  # the step's numbers, read back in one transfer
         router_losses = host_stats.loss_summary()
         lm_loss = host['lm_loss']
-        if local_iter_num >= 5:  # let the training loop settle a bit
+        if local_iter_num >= 5 and peak:  # let the training loop settle a bit
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         loss_parts = ''.join(f", {name} {value:.4f}" for name, value in router_losses.items())
-        mfu_text = f"{running_mfu * 100:.2f}%" if running_mfu >= 0 else '-'
+        mfu_text = '' if not peak else f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else ', mfu -'
         print(f"iter {iter_num}: loss {lm_loss:.4f}{loss_parts}, lr {lr:.2e}, time {dt * 1000:.1f}ms, "
-              f"{tokens_per_iter / dt:,.0f} tok/s, mfu {mfu_text}")
+              f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
         log_json({'iter': iter_num, 'split': 'train', 'loss': lm_loss, 'lr': lr, 'losses': router_losses,
                   'layers': host_stats.summary(), 'time_ms': dt * 1000, 'tokens_per_s': tokens_per_iter / dt,
-                  'mfu': running_mfu, 'skipped_steps': nonfinite.skipped_steps})
+                  'mfu': running_mfu if peak else None, 'skipped_steps': nonfinite.skipped_steps})
         if wandb_log:
-            wandb.log({'iter': iter_num, 'train/loss': lm_loss, 'lr': lr, 'mfu': running_mfu * 100,
+            wandb.log({'iter': iter_num, 'train/loss': lm_loss, 'lr': lr, **({'mfu': running_mfu * 100} if peak else {}),
                        **{f'router/{k}': v for k, v in router_losses.items()}})
     iter_num += 1
     local_iter_num += 1
 
 ddp_sync.finish(raw_model)  # every rank must end with the same model: checked, then the ranks leave together
+if master_process and not eval_only:  # what the run left, and where to go from here
+    saved = f"checkpoint {ckpt_path} (iter {saved_iter})" if saved_iter is not None else "no checkpoint saved"
+    print(f"done: iter {iter_num} in {time.time() - run_start:.0f}s; best val loss {best_val_loss:.4f}; {saved}; "
+          f"next: python sample.py --out_dir={out_dir}, python plot.py {out_dir}")

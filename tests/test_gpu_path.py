@@ -92,6 +92,8 @@ def test_mfu_peak_is_the_gpus_own_where_known():
     assert peak_flops('NVIDIA L4')[0] == 121e12 and peak_flops('NVIDIA L40S')[0] == 362e12
     flops, source = peak_flops('Some Future GPU')
     assert flops == 312e12 and "A100's" in source and 'Some Future GPU' in source
+    # no MFU on a CPU: a share of an A100's peak would read as a (tiny) utilisation of the CPU
+    assert peak_flops('cpu')[0] is None and peak_flops('mps')[0] is None
 
 
 # -----------------------------------------------------------------------------

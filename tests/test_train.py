@@ -4,6 +4,7 @@ tiny generated dataset in a temporary folder. Also the config parser, in-process
 import json
 import os
 import pickle
+import re
 import subprocess
 import sys
 from typing import Optional
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from configurator import ConfigError, apply_overrides
-from test_checkpoint import assert_one_line_error
+from test_checkpoint import assert_one_line_error, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 TINY = ['--device=cpu', '--n_layer=2', '--n_head=2', '--n_embd=32', '--n_exp=4', '--top_k=2',
@@ -91,6 +92,15 @@ def test_train_logs_checkpoints_resumes_and_samples(tiny_data, tmp_path):
             assert layer['zero_token_experts_per_batch'] >= layer['zero_token_experts']
     assert val[-1]['loss'] < val[0]['loss']  # it learns
 
+    # on a CPU no MFU (a share of a GPU's peak says nothing there), and a closing line with the
+    # best val loss, the checkpoint and the next commands
+    iter_lines = [line for line in result.stdout.splitlines() if line.startswith('iter ') and ': loss' in line]
+    assert iter_lines and not any('mfu' in line for line in iter_lines) and all(r['mfu'] is None for r in train)
+    assert 'mfu not shown on cpu' in result.stdout
+    done = result.stdout.splitlines()[-1]
+    assert done.startswith('done: iter 20 in ') and f"best val loss {min(r['loss'] for r in val):.4f}" in done
+    assert f"checkpoint {os.path.join(out_dir, 'ckpt.pt')} (iter 20)" in done and f"python plot.py {out_dir}" in done
+
     ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)
     assert ckpt['iter_num'] == 20 and ckpt['model_args']['n_exp'] == 4
     assert set(ckpt) >= {'model', 'optimizer', 'model_args', 'iter_num', 'best_val_loss', 'config'}
@@ -114,6 +124,34 @@ def test_train_logs_checkpoints_resumes_and_samples(tiny_data, tmp_path):
                   '--start=ab', '--device=cpu'], script='sample.py')
     assert result.returncode == 0, result.stderr
     assert '<- layer 0' in result.stdout and '<- layer 1' in result.stdout
+
+    # a prompt ending in a newline: the shown text starts with it, drawn as the legend's mark,
+    # so the rows under it stay aligned (a raw newline would split the text row in two)
+    (tmp_path / 'prompt.txt').write_text('ab\n')
+    result = run([f'--out_dir={out_dir}', '--num_samples=1', '--max_new_tokens=20', '--show_experts=True',
+                  f'--start=FILE:{tmp_path / "prompt.txt"}', '--device=cpu'], script='sample.py')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    legend = next(i for i, line in enumerate(lines) if line.startswith('(a newline shows as '))
+    mark = lines[legend].split('(a newline shows as ')[1][0]
+    text_row, layer_row = lines[legend + 1], lines[legend + 2]
+    # 20 characters: the prompt's last one, then 19 generated ones fed back (the 20th is never fed)
+    assert text_row.startswith(mark) and len(text_row) == len(layer_row.split('   <- layer')[0]) == 20
+
+
+def test_a_steps_time_leaves_out_its_eval(tiny_data, tmp_path):
+    """time_ms and tokens_per_s measure the training step: the eval at the top of an
+    iteration (here 2 x 10 batches with their routing tables, many steps' work) must not show
+    up in that step's time, or an eval step reads as a slow step. The eval's own time is on
+    its step line."""
+    out_dir = tmp_path / 'out'
+    result = run([*TINY, f'--data_dir={tiny_data}', f'--out_dir={out_dir}', '--max_iters=8', '--eval_interval=4',
+                  '--eval_iters=10', '--log_interval=1'])
+    assert result.returncode == 0, result.stderr
+    eval_seconds = float(re.search(r"step 4: train loss [\d.]+, val loss [\d.]+ \(eval (\d+\.\d)s\)", result.stdout)[1])
+    step_ms = next(r['time_ms'] for r in records(out_dir) if r['split'] == 'train' and r['iter'] == 4)
+    # with the eval counted, iteration 4's time would be at least the eval's
+    assert step_ms < 1000 * eval_seconds / 2, (step_ms, eval_seconds)
 
 
 def test_resume_errors_write_nothing(tiny_data, tmp_path):
