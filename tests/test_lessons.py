@@ -6,11 +6,14 @@ stubs in place, and every plausible wrong body below fails at least one of its t
 The grading runs in ONE subprocess (python test_lessons.py SPEC), in the copies' own
 folders, importing their code fresh for every variant: the copies' code is what runs."""
 
+import glob
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -53,6 +56,8 @@ MUTANTS = {
         ('routers.py:z_loss', 'not squared', 'return torch.logsumexp(logits, dim=-1).mean()'),
         ('routers.py:z_loss', 'the square of the mean', 'return torch.logsumexp(logits, dim=-1).mean().square()'),
         ('routers.py:z_loss', 'max instead of logsumexp', 'return logits.max(dim=-1).values.square().mean()'),
+        ('routers.py:z_loss', 'summed over the tokens, not averaged',
+         'return torch.logsumexp(logits, dim=-1).square().sum()'),
     ],
     3: [
         ('routers.py:AuxFreeRouter.step_finished', 'wrong sign',
@@ -291,6 +296,59 @@ def test_every_wrong_body_fails_a_grading_test(graded, number):
         assert runs and not all(passed for _, passed, _ in runs), f"{target} with '{what}' passed every grading test"
 
 
+# wrong bodies whose failing check has a line of setup between it and its hand computation:
+# the grader must still show the computation
+HINTED = [(2, 'routers.py:switch_aux_loss', 'f divided by the tokens, not the assignments'),
+          (2, 'routers.py:z_loss', 'summed over the tokens, not averaged')]
+
+
+def test_a_failing_check_shows_the_nearest_hand_computation(graded):
+    for number, target, what in HINTED:
+        failed = [message for _, passed, message in graded[number, f"{target} {what}"]['graded'][target] if not passed]
+        assert failed, (target, what)
+        for message in failed:
+            lines = message.splitlines()
+            at = [i for i, line in enumerate(lines) if line.startswith('test_routers.py:')]
+            assert at, message
+            lineno = int(lines[at[0]].split(':')[1])
+            # the oracle: the first line above the failing one that is a comment or a def
+            source = open(os.path.join(REPO, 'test_routers.py')).read().splitlines()
+            nearest = next(line.strip() for line in reversed(source[:lineno - 1])
+                           if line.strip().startswith(('#', 'def ')))
+            assert nearest.startswith('#'), f"no hand computation above test_routers.py:{lineno}"
+            assert at[0] > 0 and lines[at[0] - 1] == nearest, message
+
+
+def test_hand_computation_is_the_nearest_comment_block_of_the_test():
+    source = ('def helper():\n'                  # 1
+              '    # not this: another function\n'  # 2
+              '    return 1\n'                   # 3
+              '\n'                               # 4
+              'def test_something():\n'          # 5
+              '    # an older computation\n'     # 6
+              '\n'                               # 7
+              '    # a = 2, b = 3\n'             # 8
+              '    # -> a * b = 6\n'             # 9
+              '    a, b = 2, 3\n'                # 10
+              '    assert a * b == 6\n'          # 11
+              '    assert f(\n'                  # 12
+              '        # inside the call\n'      # 13
+              '        a) == 7\n'                # 14
+              '    for i in range(2):\n'         # 15
+              '        # in the loop\n'          # 16
+              '        assert i < 2\n'           # 17
+              '\n'                               # 18
+              'def test_bare():\n'               # 19
+              '    assert False\n')              # 20
+    block = ['# a = 2, b = 3', '# -> a * b = 6']  # lines 8-9; the blank line 7 ends it
+    assert exercise.hand_computation(source, 10) == block  # right above
+    assert exercise.hand_computation(source, 11) == block  # the setup line 10 in between
+    assert exercise.hand_computation(source, 14) == block  # from the statement's first line, 12
+    assert exercise.hand_computation(source, 17) == ['# in the loop']
+    assert exercise.hand_computation(source, 20) == []  # nothing from the functions above
+    assert exercise.hand_computation(source, 11, most=1) == ['# -> a * b = 6']
+
+
 def test_every_exercise_has_mutants_for_each_function():
     for number, ex in exercise.EXERCISES.items():
         assert set(ex.grading) == {target for target, _, _ in MUTANTS[number]}, number
@@ -318,21 +376,194 @@ def test_the_copy_holds_no_solution(tmp_path, number):
 
 
 def test_exercise_cli(tmp_path):
+    first = tmp_path / 'ex2'
+    made = subprocess.run([sys.executable, 'lessons/exercise.py', '2', f'--out={first}'], cwd=REPO,
+                          capture_output=True, text=True)
+    assert made.returncode == 0 and f'wrote {first}' in made.stdout
+    # a copy of that copy, for exercise 4, made and checked by the copies' own script
     copy = tmp_path / 'ex4'
-    made = subprocess.run([sys.executable, 'lessons/exercise.py', '4', f'--out={copy}'], cwd=REPO,
+    made = subprocess.run([sys.executable, 'lessons/exercise.py', '4', f'--out={copy}'], cwd=first,
                           capture_output=True, text=True)
     assert made.returncode == 0 and f'wrote {copy}' in made.stdout
-    check = subprocess.run([sys.executable, 'lessons/exercise.py', '4', '--check'], cwd=copy, capture_output=True,
-                           text=True)
+    check = subprocess.run([sys.executable, 'lessons/exercise.py', '4', '--check', '--name=Ada'], cwd=copy,
+                           capture_output=True, text=True)
     assert check.returncode == 1
     assert 'expert_capacity: FAIL' in check.stdout and 'capacity_keep_mask: FAIL' in check.stdout
     assert 'NotImplementedError: Exercise 4: write expert_capacity' in check.stdout
+    assert f"written to {copy / 'grade-exercise-4.json'}" in check.stdout
+    grade = json.loads((copy / 'grade-exercise-4.json').read_text())
+    assert (grade['student'], grade['exercise'], grade['all_pass'], grade['attempts']) == ('Ada', 4, False, 1)
+    # exercise 4 grades each function with one test
+    assert grade['functions'] == {'expert_capacity': {'pass': False, 'tests': 1},
+                                  'capacity_keep_mask': {'pass': False, 'tests': 1}}
+    table = subprocess.run([sys.executable, 'lessons/exercise.py', '--gather', str(tmp_path)], cwd=REPO,
+                           capture_output=True, text=True)
+    assert table.returncode == 0 and f"| Ada | 4 | FAIL | FAIL | no | 1 | {grade['time']} |" in table.stdout
+    # the original and another exercise's copy are refused in one line, nothing run or written
+    grades_here = glob.glob(os.path.join(REPO, 'grade-exercise-*.json'))
+    for folder, says in ((REPO, 'this is the original repository'), (first, 'the copy for exercise 2, not exercise 4')):
+        refused = subprocess.run([sys.executable, 'lessons/exercise.py', '4', '--check'], cwd=folder,
+                                 capture_output=True, text=True)
+        assert refused.returncode == 2 and refused.stderr.count('\n') == 1 and says in refused.stderr, refused.stderr
+        assert refused.stdout == ''
+    assert glob.glob(os.path.join(REPO, 'grade-exercise-*.json')) == grades_here
+    assert not glob.glob(str(first / 'grade-exercise-*.json'))
     # a folder that exists is never written into
     again = subprocess.run([sys.executable, 'lessons/exercise.py', '4', f'--out={copy}'], cwd=REPO,
                            capture_output=True, text=True)
     assert again.returncode == 2 and again.stderr.count('\n') == 1 and 'exists' in again.stderr
     bad = subprocess.run([sys.executable, 'lessons/exercise.py', '9'], cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 2 and 'one of 1, 2, 3, 4, 5, 6' in bad.stderr
+
+
+def test_check_refuses_the_original_repository_and_other_copies(tmp_path, monkeypatch, capsys):
+    def refused(argv):
+        with pytest.raises(SystemExit) as stop:
+            exercise.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith('error: ') and err.count('\n') == 1, err
+        return err
+
+    monkeypatch.setattr(exercise, 'grade', lambda *a, **k: pytest.fail('graded a folder --check must refuse'))
+    grades_here = glob.glob(os.path.join(REPO, 'grade-exercise-*.json'))
+    err = refused(['2', '--check'])
+    assert 'this is the original repository' in err and 'make a copy with python lessons/exercise.py 2' in err
+    assert glob.glob(os.path.join(REPO, 'grade-exercise-*.json')) == grades_here
+    copy = tmp_path / 'ex4'
+    exercise.make_copy(4, str(copy))
+    mark = json.loads((copy / '.exercise.json').read_text())
+    made = datetime.fromisoformat(mark['made'])
+    assert mark['exercise'] == 4 and abs(datetime.now().astimezone() - made) < timedelta(minutes=1)
+    assert exercise.copy_problem(4, str(copy)) is None
+    monkeypatch.setattr(exercise, 'REPO', str(copy))  # as if run by the copy's own script
+    err = refused(['2', '--check'])
+    assert 'copy for exercise 4, not exercise 2' in err and 'python lessons/exercise.py 4 --check' in err
+    (copy / '.exercise.json').write_text('{"exercise": ')
+    assert 'is unreadable' in refused(['4', '--check'])
+    (copy / '.exercise.json').unlink()
+    assert 'has no .exercise.json' in refused(['4', '--check'])
+    assert not glob.glob(str(copy / 'grade-exercise-*.json'))
+
+
+def test_student_name_is_name_then_variable_then_login(monkeypatch):
+    monkeypatch.setattr(exercise.getpass, 'getuser', lambda: 'login')
+    monkeypatch.delenv('NANOROUTER_STUDENT', raising=False)
+    assert exercise.student_name(None) == 'login'
+    monkeypatch.setenv('NANOROUTER_STUDENT', ' Grace\n Hopper ')
+    assert exercise.student_name(None) == 'Grace Hopper'
+    assert exercise.student_name('Ada') == 'Ada'
+
+    def no_login():
+        raise OSError('no login name')
+    monkeypatch.setattr(exercise.getpass, 'getuser', no_login)
+    monkeypatch.delenv('NANOROUTER_STUDENT')
+    assert exercise.student_name('') is None
+
+
+def test_grade_file_holds_the_check_and_counts_attempts(tmp_path):
+    # switch_aux_loss: one of its two tests failed; z_loss: its one test passed
+    graded = {'routers.py:switch_aux_loss': [('t::a', True, ''), ('t::b', False, 'assert 2.0 == 1.0')],
+              'routers.py:z_loss': [('t::c', True, '')]}
+    path = exercise.write_grade_file(str(tmp_path), 2, 'Ada', graded)
+    assert path == str(tmp_path / 'grade-exercise-2.json') and os.listdir(tmp_path) == ['grade-exercise-2.json']
+    record = json.loads((tmp_path / 'grade-exercise-2.json').read_text())
+    time = datetime.fromisoformat(record.pop('time'))
+    assert time.tzinfo is not None and abs(datetime.now().astimezone() - time) < timedelta(minutes=1)
+    assert record == {'student': 'Ada', 'exercise': 2, 'all_pass': False, 'attempts': 1,
+                      'functions': {'switch_aux_loss': {'pass': False, 'tests': 2},
+                                    'z_loss': {'pass': True, 'tests': 1}}}
+    exercise.write_grade_file(str(tmp_path), 2, 'Ada', graded)
+    assert json.loads((tmp_path / 'grade-exercise-2.json').read_text())['attempts'] == 2
+    exercise.write_grade_file(str(tmp_path), 2, 'Bob', graded)  # another student starts again
+    assert json.loads((tmp_path / 'grade-exercise-2.json').read_text())['attempts'] == 1
+
+
+def test_gather_makes_a_table_of_the_latest_grade_per_student(tmp_path, capsys):
+    def grade_file(folder, number, student, functions, time, attempts):
+        (tmp_path / folder).mkdir(parents=True)
+        record = {'student': student, 'exercise': number, 'time': time, 'attempts': attempts,
+                  'functions': {name: {'pass': passed, 'tests': 1} for name, passed in functions.items()},
+                  'all_pass': all(functions.values())}
+        (tmp_path / folder / f'grade-exercise-{number}.json').write_text(json.dumps(record))
+
+    # Ada checked exercise 2 in two copies: 10:00+01:00 is 09:00 UTC, before 09:30+00:00 (though
+    # its text sorts after), so the second copy's grade is her latest, after 2 + 1 = 3 checks
+    grade_file('ada1', 2, 'Ada', {'switch_aux_loss': False, 'z_loss': True}, '2025-03-01T10:00:00+01:00', 2)
+    grade_file('ada2/deeper', 2, 'Ada', {'switch_aux_loss': True, 'z_loss': True}, '2025-03-01T09:30:00+00:00', 1)
+    grade_file('bob', 2, 'Bob', {'switch_aux_loss': True, 'z_loss': False}, '2025-03-01T11:00:00+01:00', 3)
+    grade_file('ada4', 4, 'Ada', {'expert_capacity': True, 'capacity_keep_mask': True}, '2025-03-02T08:00:00+00:00', 1)
+    (tmp_path / 'cut').mkdir()
+    (tmp_path / 'cut' / 'grade-exercise-2.json').write_text('{"student": ')
+    (tmp_path / 'cut' / 'grade-exercise-3.json').write_text(json.dumps({'student': 'Eve', 'exercise': 3}))
+    grade_file('naive', 5, 'Eve', {'gatepro_partners': True}, '2025-03-01T10:00:00', 1)  # no UTC offset
+    with pytest.raises(SystemExit) as stop:
+        exercise.main(['--gather', str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 0
+    assert out == ('| student | exercise | switch_aux_loss | z_loss | all pass | attempts | time |\n'
+                   '| --- | --- | --- | --- | --- | --- | --- |\n'
+                   '| Ada | 2 | pass | pass | yes | 3 | 2025-03-01T09:30:00+00:00 |\n'
+                   '| Bob | 2 | pass | FAIL | no | 3 | 2025-03-01T11:00:00+01:00 |\n'
+                   '\n'
+                   '| student | exercise | expert_capacity | capacity_keep_mask | all pass | attempts | time |\n'
+                   '| --- | --- | --- | --- | --- | --- | --- |\n'
+                   '| Ada | 4 | pass | pass | yes | 1 | 2025-03-02T08:00:00+00:00 |\n')
+    skipped = sorted(err.splitlines())
+    assert len(skipped) == 3 and all(line.startswith('note: skipped ') for line in skipped), err
+    assert 'cut/grade-exercise-2.json: not JSON' in skipped[0] and 'cut/grade-exercise-3.json' in skipped[1]
+    assert 'naive/grade-exercise-5.json: time' in skipped[2] and 'no offset' in skipped[2]
+    # a file, a pattern, and the same file twice (counted once: Bob's attempts stay 3)
+    with pytest.raises(SystemExit):
+        exercise.main(['--gather', str(tmp_path / 'bob'), str(tmp_path / 'bob' / 'grade-exercise-2.json'),
+                       str(tmp_path / 'ada[12]*')])
+    out = capsys.readouterr().out
+    assert '| Ada | 2 | pass | pass | yes | 3 |' in out and '| Bob | 2 | pass | FAIL | no | 3 |' in out
+    assert 'expert_capacity' not in out
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(SystemExit) as stop:
+        exercise.main(['--gather', str(tmp_path / 'empty')])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith('error: no grade files') and err.count('\n') == 1
+
+
+@pytest.mark.skipif(shutil.which('git') is None, reason='needs git')
+def test_the_copy_is_a_git_repository_of_one_commit_and_copies_again(tmp_path):
+    def git(folder, *args):
+        return subprocess.run(['git', '-C', str(folder), *args], capture_output=True, text=True, check=True).stdout
+
+    copy = tmp_path / 'ex2'
+    files = exercise.make_copy(2, str(copy))
+    assert git(copy, 'rev-list', '--count', 'HEAD').strip() == '1' and git(copy, 'status', '--porcelain') == ''
+    assert sorted(git(copy, 'ls-files').splitlines()) == sorted(files) and '.exercise.json' in files
+    assert git(copy, 'log', '-1', '--format=%an <%ae>').strip() == 'nanorouter <exercise@localhost>'
+    assert 'raise NotImplementedError("Exercise 2: write z_loss' in git(copy, 'show', 'HEAD:routers.py')
+    # a student's grade and history stay in their copy when it is copied for another exercise
+    (copy / 'grade-exercise-2.json').write_text('{}')
+    second = tmp_path / 'ex3'
+    files = exercise.make_copy(3, str(second), root=str(copy))
+    assert not [rel for rel in files if rel.startswith('.git/') or rel.startswith('grade-exercise')]
+    assert not (second / 'grade-exercise-2.json').exists()
+    assert json.loads((second / '.exercise.json').read_text())['exercise'] == 3
+    assert git(second, 'rev-list', '--count', 'HEAD').strip() == '1' and git(second, 'status', '--porcelain') == ''
+    assert sorted(git(second, 'ls-files').splitlines()) == sorted(files)
+    assert exercise.copy_problem(3, str(second)) is None
+    assert 'copy for exercise 3' in exercise.copy_problem(2, str(second))
+
+
+def test_a_copy_without_git_says_so_in_one_line_and_works(tmp_path, monkeypatch, capsys):
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    monkeypatch.setenv('PATH', str(bin_dir))  # no git on PATH
+    exercise.make_copy(2, str(tmp_path / 'a'))
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'git is not on PATH' in err
+    assert not (tmp_path / 'a' / '.git').exists() and exercise.copy_problem(2, str(tmp_path / 'a')) is None
+    (bin_dir / 'git').write_text('#!/bin/sh\necho "fatal: disk full" >&2\nexit 128\n')  # a git that fails
+    (bin_dir / 'git').chmod(0o755)
+    exercise.make_copy(2, str(tmp_path / 'b'))
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'git init failed (fatal: disk full)' in err
+    assert (tmp_path / 'b' / 'routers.py').exists() and exercise.copy_problem(2, str(tmp_path / 'b')) is None
 
 
 @pytest.mark.parametrize('name', sorted(n for n in os.listdir(os.path.join(REPO, 'config')) if n.startswith('lesson')))
