@@ -368,14 +368,11 @@ def run_stats(lines, zero_token_iters=()):
     zero_token_iters: the iterations of compare's zero_token_at."""
     train, val = plot.by_iter(lines, 'train'), plot.by_iter(lines, 'val')
     last = val[-1] if val else {}
-    # a training step that also ran an eval is timed with the eval (train.py): leave it out
-    eval_iters = {line['iter'] for line in val}
+    # train.py times the training step alone, an eval at its top not counted
     speeds = [line['tokens_per_s'] for line in train if plot.is_number(line.get('tokens_per_s'))]
-    speeds_no_eval = [line['tokens_per_s'] for line in train
-                      if plot.is_number(line.get('tokens_per_s')) and line['iter'] not in eval_iters]
     stats = {
         'val_loss': last['loss'] if plot.is_number(last.get('loss')) else None,
-        'tokens_per_s': mean(speeds_no_eval or speeds),
+        'tokens_per_s': mean(speeds),
         'all_experts_iter': all_experts_used_iter(train),
         'zero_token_train_mean': training_mean(train, 'zero_token_experts'),
         'dropped_train_mean': training_mean(train, 'dropped_frac'),
@@ -421,29 +418,100 @@ def cell(values, spec):
     return text
 
 
-# (stats key, column header, format)
+# (stats key, column header, format). Lessons, RESULTS.md and the tests quote the headers:
+# keep their texts. The first table is short: MAIN_COLUMNS, which every comparison is read
+# by, then each group of SOMETIMES_COLUMNS that matters for the runs in it (main_columns);
+# the second table has the rest, so that every number is in one of the two.
 MAIN_COLUMNS = [
     ('val_loss', 'val loss', '.4f'),
     ('tokens_per_s', 'tokens/s', ',.0f'),
     ('zero_token_experts', 'zero-token experts', '.2f'),
-    ('zero_token_experts_per_batch', 'zero-token per batch', '.2f'),
-    ('zero_token_train_mean', 'zero-token, training mean', '.2f'),
-    ('all_experts_iter', 'iters until all experts used', '.0f'),
     ('max_vio', 'max_vio', '.3f'),
-    ('routing_variance', 'routing_variance', '.4f'),
-    ('expert_overlap', 'expert_overlap', '.3f'),
-    ('pair_coactivation', 'pair_coactivation', '.4f'),
     ('specialization', 'specialization', '.3f'),
 ]
+SOMETIMES_COLUMNS = {
+    # some run ends with an idle expert: how long experts sat idle, and whether all came back
+    'idle': [
+        ('zero_token_train_mean', 'zero-token, training mean', '.2f'),
+        ('all_experts_iter', 'iters until all experts used', '.0f'),
+    ],
+    # some run sends a token to two experts or more: how alike a token's experts are
+    'pairs': [
+        ('pair_coactivation', 'pair_coactivation', '.4f'),
+        ('expert_overlap', 'expert_overlap', '.3f'),
+    ],
+    # some run drops assignments past its capacity
+    'drops': [
+        ('dropped_train_mean', 'dropped, training mean', '.4f'),
+        ('dropped_frac', 'dropped_frac', '.4f'),
+    ],
+}
 MORE_COLUMNS = [
+    ('zero_token_experts_per_batch', 'zero-token per batch', '.2f'),
+    ('routing_variance', 'routing_variance', '.4f'),
     ('router_entropy', 'router_entropy', '.3f'),
     ('load_cv', 'load_cv', '.3f'),
-    ('dropped_frac', 'dropped_frac', '.4f'),
-    ('dropped_train_mean', 'dropped, training mean', '.4f'),
     ('gate_cos_sim', 'gate_cos_sim', '.3f'),
     ('gate_angle', 'gate_angle', '.3f'),
     ('gate_spectral_entropy', 'gate_spectral_entropy', '.3f'),
 ]
+
+
+def groups_that_matter(all_stats):
+    """The SOMETIMES_COLUMNS groups that belong in the first table for these runs' stats."""
+    def some(test):
+        return any(test(s) for s in all_stats)
+    positive = lambda s, key: (s.get(key) or 0) > 0
+    matter = {
+        'idle': some(lambda s: positive(s, 'zero_token_experts') or s.get('all_experts_iter') == math.inf),
+        # a top-1 router's token has no second expert: its pair_coactivation is 0 and its
+        # expert_overlap is not logged
+        'pairs': some(lambda s: positive(s, 'pair_coactivation') or s.get('expert_overlap') is not None),
+        'drops': some(lambda s: positive(s, 'dropped_train_mean') or positive(s, 'dropped_frac')),
+    }
+    return [group for group in SOMETIMES_COLUMNS if matter[group]]
+
+
+def main_columns(all_stats):
+    """(the first table's columns, the second table's) for these runs' stats."""
+    groups = groups_that_matter(all_stats)
+    first = MAIN_COLUMNS + [c for group in groups for c in SOMETIMES_COLUMNS[group]]
+    second = [c for group in SOMETIMES_COLUMNS if group not in groups for c in SOMETIMES_COLUMNS[group]] + MORE_COLUMNS
+    return first, second
+
+
+# what each column is, under the table it is in; the columns of the last val line share a note
+LAST_VAL_KEYS = {'zero_token_experts', 'zero_token_experts_per_batch', 'max_vio', 'routing_variance',
+                 'expert_overlap', 'pair_coactivation', 'specialization', 'router_entropy', 'load_cv',
+                 'dropped_frac', 'gate_cos_sim', 'gate_angle', 'gate_spectral_entropy'}
+COLUMN_NOTES = {
+    'val_loss': '`loss` of the last val line (cross-entropy, router losses excluded).',
+    'zero_token_train_mean': 'zero_token_experts of every logged training step, mean over the steps and the '
+                             'MoE layers: how many experts sat idle, on average, over the whole run.',
+    'all_experts_iter': 'the first logged training step from which on every logged step has '
+                        'zero_token_experts = 0 in every MoE layer (steps between logs are not seen); '
+                        '"never" when the last logged step still has an expert without tokens.',
+    'dropped_train_mean': 'dropped_frac of every logged training step, mean over the steps and the MoE '
+                          'layers: the share of the assignments dropped past the capacity (training drops '
+                          'past capacity_factor, an eval past eval_capacity_factor).',
+}
+
+
+def column_notes(columns, jobs):
+    """The lines under a table that say what each of its columns is."""
+    notes = []
+    for key, header, _ in columns:
+        if key == 'tokens_per_s':
+            notes.append('- tokens/s: mean over the logged training steps of `tokens_per_s` (the training step '
+                         'alone: train.py leaves an eval out of its time). '
+                         + ('Runs ran one after another' if jobs == 1 else f"{jobs} runs trained at once")
+                         + ' on a shared machine: compare speeds with care.')
+        elif key in COLUMN_NOTES:
+            notes.append(f"- {header}: {COLUMN_NOTES[key]}")
+    last_val = [header for key, header, _ in columns if key in LAST_VAL_KEYS]
+    if last_val:
+        notes.append(f"- {', '.join(last_val)}: the last val line, mean over the MoE layers.")
+    return notes
 
 
 def task_columns(stats_by_router):
@@ -537,6 +605,7 @@ def results_markdown(config, runs, stats, walls, argv, wall_now, n_trained, plot
     """results.md. stats: {run name: run_stats}; walls: {run name: wall s from done.json}."""
     routers, seeds = config['routers'], config['seeds']
     stats_by_router = {r: [stats[name] for name, router, *_ in runs if router == r] for r in routers}
+    first, second = main_columns(list(stats.values()))
     try:
         torch_version = importlib.metadata.version('torch')
     except importlib.metadata.PackageNotFoundError:
@@ -547,27 +616,19 @@ def results_markdown(config, runs, stats, walls, argv, wall_now, n_trained, plot
         f"({', '.join(map(str, seeds))}), one run each, "
         f"same model and data. A cell is the mean ± sample standard deviation over the seeds "
         f"(the value alone for one seed); n/a: the runs do not log it (the dense twin has no router).", '',
-        table(MAIN_COLUMNS, routers, stats_by_router), '',
-        '- val loss: `loss` of the last val line (cross-entropy, router losses excluded).',
-        '- tokens/s: mean over the logged training steps of `tokens_per_s`, leaving out the steps that '
-        'also ran an evaluation (their time includes it). '
-        + ('Runs ran one after another' if config['jobs'] == 1 else f"{config['jobs']} runs trained at once")
-        + ' on a shared machine: compare speeds with care.',
-        '- zero-token experts, zero-token per batch, max_vio, routing_variance, expert_overlap, '
-        'pair_coactivation, specialization: the last val line, mean over the MoE layers.',
-        '- zero-token, training mean: zero_token_experts of every logged training step, mean over '
-        'the steps and the MoE layers: how many experts sat idle, on average, over the whole run.',
-        '- iters until all experts used: the first logged training step from which on every logged '
-        'step has zero_token_experts = 0 in every MoE layer (steps between logs are not seen); '
-        '"never" when the last logged step still has an expert without tokens.', '',
+        'The numbers every comparison is read by, and those that matter for these runs (idle experts when '
+        'a run ends with one, dropped assignments when a run drops any, pair co-activation and expert '
+        'overlap when a run sends a token to two experts or more); the rest are under "More numbers of each '
+        'run" below:', '',
+        table(first, routers, stats_by_router), '',
+        *column_notes(first, config['jobs']), '',
         'Val loss seed by seed, and minus the first row\'s at the same seed (the runs of one seed '
         'train on the same batches, so this difference is not blurred by how easy a seed\'s '
         'batches are):', '',
         paired_table(routers, seeds, {(router, seed): stats[name]['val_loss'] for name, router, seed, _, _ in runs}), '',
-        'More of the last val line, mean over the MoE layers; dropped, training mean: dropped_frac '
-        'of every logged training step, mean over the steps and the MoE layers (training drops '
-        'past capacity_factor, an eval past eval_capacity_factor):', '',
-        table(MORE_COLUMNS, routers, stats_by_router), '',
+        'More numbers of each run:', '',
+        table(second, routers, stats_by_router), '',
+        *column_notes(second, config['jobs']), '',
         *task_section(routers, stats_by_router),
         *zero_token_section(config['zero_token_at'], routers, stats_by_router),
         '## How this was made', '',

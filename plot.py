@@ -5,20 +5,33 @@ $ python plot.py out
 $ python plot.py out-compare/topk-s1337 out-compare/gatepro-s1337 --out=figs
 
 Into each OUT_DIR, one PNG per picture of that run:
+    overview.png         the run at a glance: training and val loss; the router's entropy per
+                         layer against ln E (no preference between the experts); the smallest
+                         and largest expert load per layer against 1/E (perfect balance); the
+                         specialization score per layer; the dropped share per layer when the
+                         run drops assignments past a capacity
     zero_token.png       experts that got no token in a training step, vs iteration, one line per layer
-    load.png             expert load over training: a panel per layer, iteration on x, expert on y
-    specialization.png   expert x domain at the last eval (needs expert_label_counts)
+    load.png             expert load over training: a panel per layer, iteration on x, expert on y,
+                         one colour scale for all layers (white: 1/E, red above, blue below)
+    specialization.png   expert x domain at the last eval: the share of each domain's tokens whose
+                         top-1 expert each expert is, one 0-to-1 colour scale (needs expert_label_counts)
     gate_similarity.png  cosine similarity of the gate rows at the last eval (needs gate_similarity)
-    val_metrics.png      router metrics at every eval (gate_cos_sim, pair_coactivation, ...), a line per layer
+    val_metrics.png      router metrics at every eval (load imbalance, entropy, gate similarity, ...),
+                         a line per layer; a metric that is 0 at every eval is named, not drawn
 and one overlaid picture of all runs given:
     loss.png             training loss (logged steps) and val loss (evals), a line per run
     curves.png           the runs grouped by router (their seeds): mean and spread over the
-                         seeds of val loss, zero-token experts, max_vio, pair co-activation,
-                         gate cosine similarity and expert overlap, vs iteration
+                         seeds of val loss, zero-token experts, max_vio, the dropped share,
+                         pair co-activation, gate cosine similarity and expert overlap, vs
+                         iteration; a panel that no run logs, or that is 0 in every run (pair
+                         co-activation and expert overlap under top-1, the dropped share
+                         without a capacity), is named at the bottom instead of drawn
     zero_token_layers.png  the same grouping: zero-token experts per training step, a panel
-                         per MoE layer (not drawn when no run has MoE layers)
+                         per MoE layer on one y scale (not drawn when no run has MoE layers)
 into --out=DIR, by default the runs' common parent folder (the run itself when only one
 is given; the current folder for sibling runs such as `out` and `out2`).
+Panel titles say what a number is in words, with its metrics.jsonl field under them in
+small print.
 
 A picture whose fields a run does not log (a dense model has no routing; older logs have
 no expert_label_counts) is skipped with a note. Runs are labelled by router and seed from
@@ -131,6 +144,50 @@ def pyplot():
     return plt
 
 
+# What each logged field is, in words, for panel titles (short: they must fit a panel), and
+# what its axis counts. The field's own name goes under the words in small print
+# (panel_title), so that it can still be found in metrics.jsonl, the README's metrics table
+# and results.md.
+WORDS = {
+    'load': 'expert load',
+    'max_vio': 'load imbalance',
+    'router_entropy': "router's entropy over the experts",
+    'gate_cos_sim': "how alike the gate rows are",
+    'pair_coactivation': 'an expert picked with its most alike one',
+    'gate_angle': 'angle between the gate rows',
+    'gate_spectral_entropy': 'how spread out the gate rows are',
+    'expert_overlap': "how alike a token's experts' outputs are",
+    'specialization': 'specialization',
+    'zero_token_experts': 'experts with no token in a training step',
+    'zero_token_experts_per_batch': 'experts with no token in an eval batch',
+    'dropped_frac': 'dropped share',
+    'gate_similarity': "cosine similarity of the gate rows",
+}
+AXIS = {
+    'load': 'share of the assignments',
+    'max_vio': '(largest load - mean) / mean',
+    'router_entropy': 'nats (mean over tokens)',
+    'gate_cos_sim': 'mean |cos| over expert pairs',
+    'pair_coactivation': 'share of tokens (mean over experts)',
+    'gate_angle': 'degrees (90: orthogonal)',
+    'gate_spectral_entropy': "entropy of S's singular values",
+    'expert_overlap': 'mean |cos| of the two outputs',
+    'specialization': '0: none, 1: an expert per domain',
+    'zero_token_experts': 'experts',
+    'zero_token_experts_per_batch': 'experts (mean over batches)',
+    'dropped_frac': 'share of the assignments dropped',
+}
+
+
+def panel_title(ax, words, field=None):
+    """A panel's title in words, with the logged field's name (and where it comes from) in
+    small grey print under it."""
+    ax.set_title(words, fontsize='medium', pad=15 if field else 6)
+    if field:
+        ax.annotate(f"({field})", xy=(0.5, 1), xycoords='axes fraction', xytext=(0, 3), textcoords='offset points',
+                    ha='center', va='bottom', fontsize='small', color='dimgrey')
+
+
 def layer_ids(lines):
     return sorted({entry['layer'] for line in lines for entry in line.get('layers') or []
                    if isinstance(entry, dict) and 'layer' in entry})
@@ -143,11 +200,34 @@ def layer_entry(line, layer):
     return None
 
 
-def panel_grid(plt, n, width=4.0, height=3.0, max_cols=4):
-    """A figure with n panels, at most max_cols a row; returns (fig, flat list of n axes)."""
+def layer_points(lines, layer, key):
+    """[(iteration, value of key)] of one MoE layer, over the lines that log it as a number."""
+    return [(line['iter'], entry[key]) for line in lines
+            if (entry := layer_entry(line, layer)) and is_number(entry.get(key))]
+
+
+def all_zero(values):
+    """True when there are no values or every one is 0: nothing to see in a panel of them."""
+    return all(abs(v) < 1e-12 for v in values)
+
+
+def expert_count(lines):
+    """E, the experts per MoE layer, from the longest logged load; 0 when none is logged."""
+    return max((len(entry['load']) for line in lines for entry in line.get('layers') or []
+                if isinstance(entry, dict) and isinstance(entry.get('load'), list)), default=0)
+
+
+def layer_colour(plt, i):
+    """The same colour for layer i in every panel of a picture."""
+    return plt.get_cmap('tab10')(i % 10)
+
+
+def panel_grid(plt, n, width=4.0, height=3.0, max_cols=4, layout=None):
+    """A figure with n panels, at most max_cols a row; returns (fig, flat list of n axes).
+    layout='constrained' for figures with a colour bar shared by their panels."""
     cols = min(n, max_cols)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False, layout=layout)
     flat = list(axes.flat)
     for ax in flat[n:]:
         ax.set_visible(False)
@@ -170,11 +250,123 @@ def integer_ticks(*axes):
         axis.set_major_locator(MaxNLocator(integer=True))
 
 
-def save(plt, fig, path):
-    fig.tight_layout()
+def footnote(fig, text):
+    """A grey line at the bottom of the figure (what was left out, and why); returns the
+    share of the figure's height to keep free for it."""
+    if not text:
+        return 0.0
+    fig.text(0.01, 0.01, text, fontsize='small', color='dimgrey', ha='left', va='bottom')
+    return 0.3 / fig.get_figheight()  # 0.3 inch
+
+
+def save(plt, fig, path, rect=None):
+    if fig.get_layout_engine() is None:  # a constrained layout places its panels itself
+        fig.tight_layout(rect=rect or (0, 0, 1, 1))
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
+
+
+def layer_lines(plt, ax, per_layer, layers, **style):
+    """A line per layer on ax, in the layer's colour. per_layer: {layer: [(iteration, value)]}."""
+    for i, layer in enumerate(layers):
+        if per_layer.get(layer):
+            ax.plot(*zip(*per_layer[layer]), color=layer_colour(plt, i), label=f"layer {layer}", **style)
+
+
+def overview_loss(ax, train, val):
+    train_loss = [(line['iter'], line['loss']) for line in train if is_number(line.get('loss'))]
+    val_loss = [(line['iter'], line['loss']) for line in val if is_number(line.get('loss'))]
+    if train_loss:
+        ax.plot(*zip(*train_loss), color='tab:grey', linewidth=1, label='training (logged steps)')
+    if val_loss:
+        ax.plot(*zip(*val_loss), color='black', marker='o', markersize=4, label='val (evals)')
+    panel_title(ax, 'loss')
+    ax.set_ylabel('cross-entropy (nats)')
+    if train_loss or val_loss:
+        ax.legend(fontsize='small')
+
+
+def overview_entropy(plt, ax, routed, layers, n_exp, where):
+    """The router's entropy per layer, and ln E: the entropy of a router with no preference."""
+    layer_lines(plt, ax, {layer: layer_points(routed, layer, 'router_entropy') for layer in layers}, layers, marker='.')
+    if n_exp:
+        uniform = math.log(n_exp)
+        ax.axhline(uniform, color='black', linestyle='--', linewidth=1, label=f"ln {n_exp} = {uniform:.2f}: no preference")
+        bottom, top = ax.get_ylim()
+        ax.set_ylim(bottom, max(top, uniform + 0.08 * (uniform - bottom)))  # the line clear of the frame
+    panel_title(ax, f"router's entropy over the experts, {where}", 'router_entropy')
+    ax.set_ylabel(AXIS['router_entropy'])
+    ax.legend(fontsize='small', loc='lower left')
+
+
+def overview_load(plt, ax, routed, layers, n_exp, where):
+    """Per layer, the smallest and the largest expert's load (a band between them), and 1/E:
+    every expert's load when the router is perfectly balanced."""
+    from matplotlib.lines import Line2D
+    key = []  # the legend: a colour per layer, a line style for largest and smallest
+    for i, layer in enumerate(layers):
+        extremes = [(line['iter'], min(load), max(load)) for line in routed
+                    if (entry := layer_entry(line, layer)) and isinstance(load := entry.get('load'), list)
+                    and load and all(is_number(x) for x in load)]
+        if extremes:
+            iters, smallest, largest = zip(*extremes)
+            colour = layer_colour(plt, i)
+            ax.fill_between(iters, smallest, largest, color=colour, alpha=0.15)
+            ax.plot(iters, largest, color=colour, marker='.')
+            ax.plot(iters, smallest, color=colour, marker='.', linestyle=':')
+            key.append(Line2D([], [], color=colour, linewidth=4, alpha=0.5, label=f"layer {layer}"))
+    key += [Line2D([], [], color='black', label='largest'),
+            Line2D([], [], color='black', linestyle=':', label='smallest')]
+    if n_exp:
+        key.append(ax.axhline(1 / n_exp, color='black', linestyle='--', linewidth=1,
+                              label=f"balanced: 1/{n_exp} = {1 / n_exp:.3f}"))
+    panel_title(ax, f"smallest and largest expert load, {where}", 'load')
+    ax.set_ylabel(AXIS['load'])
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.35)  # headroom for the legend above the lines
+    ax.legend(handles=key, fontsize='small', ncol=3, loc='upper center')
+
+
+def plot_overview(plt, lines, label, out_dir):
+    """A run at a glance: the loss; the router's entropy per layer against ln E (a router
+    that cannot tell the experts apart); the smallest and largest expert load per layer
+    against 1/E (perfect balance); the specialization score per layer when logged; and the
+    dropped share per layer when the run drops anything. The routing panels read the eval
+    lines, the numbers of train.py's routing table (the training steps when no eval logs them)."""
+    train, val = by_iter(lines, 'train'), by_iter(lines, 'val')
+    routed, where = (val, 'at each eval') if layer_ids(val) else (train, 'at each logged training step')
+    layers = layer_ids(routed)
+    if not layers:
+        return None  # dense: nothing is routed, and loss.png has the loss
+    n_exp = expert_count(routed)
+    specialization = {layer: layer_points(val, layer, 'specialization') for layer in layers}
+    # training drops (an eval drops past its own, larger, capacity): a panel when any step dropped
+    drops = {layer: layer_points(train, layer, 'dropped_frac') for layer in layers}
+    has_specialization = any(specialization.values())
+    has_drops = not all_zero(v for points in drops.values() for _, v in points)
+    fig, axes = panel_grid(plt, 3 + has_specialization + has_drops, width=5.5, height=3.6, max_cols=2)
+    ax_loss, ax_entropy, ax_load, *more = axes
+    overview_loss(ax_loss, train, val)
+    overview_entropy(plt, ax_entropy, routed, layers, n_exp, where)
+    overview_load(plt, ax_load, routed, layers, n_exp, where)
+    if has_specialization:
+        ax = more.pop(0)
+        layer_lines(plt, ax, specialization, layers, marker='.')
+        panel_title(ax, 'specialization at each eval (heatmap: specialization.png)', 'specialization')
+        ax.set_ylabel(AXIS['specialization'])
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize='small')
+    if has_drops:
+        ax = more.pop(0)
+        layer_lines(plt, ax, drops, layers)
+        panel_title(ax, 'dropped share at each logged training step', 'dropped_frac')
+        ax.set_ylabel(AXIS['dropped_frac'])
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize='small')
+    for ax in axes:
+        ax.set_xlabel('iteration')
+    fig.suptitle(f"{label}: loss, router entropy and expert load over training")
+    return save(plt, fig, os.path.join(out_dir, 'overview.png'))
 
 
 def plot_zero_token(plt, lines, label, out_dir):
@@ -184,22 +376,25 @@ def plot_zero_token(plt, lines, label, out_dir):
         return None
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for i, layer in enumerate(layers):
-        points = [(line['iter'], entry['zero_token_experts']) for line in train
-                  if (entry := layer_entry(line, layer)) and is_number(entry.get('zero_token_experts'))]
+        points = layer_points(train, layer, 'zero_token_experts')
         if points:
             # the counts are small integers and the layers' lines would hide each other:
             # shift each layer a little
             iters, counts = zip(*points)
-            ax.plot(iters, [c + 0.04 * i for c in counts], label=f"layer {layer}", marker='.', alpha=0.8)
+            ax.plot(iters, [c + 0.04 * i for c in counts], label=f"layer {layer}", marker='.', alpha=0.8,
+                    color=layer_colour(plt, i))
     ax.set_xlabel('iteration')
     ax.set_ylabel(f"experts with no token{' (+0.04 per layer)' if len(layers) > 1 else ''}")
-    ax.set_title(f"{label}: zero-token experts per training step")
+    panel_title(ax, f"{label}: {WORDS['zero_token_experts']}", 'zero_token_experts')
     integer_ticks(ax.yaxis)
     ax.legend(fontsize='small')
     return save(plt, fig, os.path.join(out_dir, 'zero_token.png'))
 
 
 def plot_load(plt, lines, label, out_dir):
+    """Each layer's load, expert by expert, over training, on one colour scale for all the
+    layers: white is the balanced 1/E, red an expert above it, blue one below it."""
+    from matplotlib.colors import TwoSlopeNorm
     train = by_iter(lines, 'train')
     layers = layer_ids(train)
     if not layers:
@@ -210,31 +405,57 @@ def plot_load(plt, lines, label, out_dir):
     first = iters[0] - (mids[0] - iters[0] if mids else 0.5)
     last = iters[-1] + (iters[-1] - mids[-1] if mids else 0.5)
     edges = [first, *mids, last]
-    fig, axes = panel_grid(plt, len(layers), width=6.0, height=2.4, max_cols=2)  # long x axes
-    for ax, layer in zip(axes, layers):
+    grids = {}
+    for layer in layers:
         loads = [(entry or {}).get('load') for entry in (layer_entry(line, layer) for line in train)]
         n_exp = max((len(load) for load in loads if isinstance(load, list)), default=0)
         if n_exp == 0:
-            ax.set_title(f"layer {layer}: no load logged")
             continue
         grid = np.full((n_exp, len(train)), np.nan)  # NaN: this step logged no load
         for col, load in enumerate(loads):
             if isinstance(load, list):
                 grid[:len(load), col] = [x if is_number(x) else np.nan for x in load]
-        mesh = ax.pcolormesh(edges, np.arange(n_exp + 1) - 0.5, grid, cmap='viridis', vmin=0)
-        fig.colorbar(mesh, ax=ax, label='share of assignments')
+        grids[layer] = grid
+    if not grids:
+        return None
+    n_exp = max(grid.shape[0] for grid in grids.values())
+    balanced = 1 / n_exp
+    largest = max(np.nanmax(grid) if not np.isnan(grid).all() else 0.0 for grid in grids.values())
+    # one scale for every layer, white at balance; at least up to 2/E so that a run close
+    # to balance stays pale instead of stretching its small differences over the whole scale
+    norm = TwoSlopeNorm(vmin=0.0, vcenter=balanced, vmax=max(largest, 2 * balanced))
+    cmap = plt.get_cmap('RdBu_r').with_extremes(bad='lightgrey')  # a step without load: not white, which is balance
+    fig, axes = panel_grid(plt, len(layers), width=6.0, height=2.6, max_cols=2, layout='constrained')  # long x axes
+    mesh = None
+    for ax, layer in zip(axes, layers):
+        if layer not in grids:
+            panel_title(ax, f"layer {layer}: no load logged")
+            continue
+        grid = grids[layer]
+        mesh = ax.pcolormesh(edges, np.arange(grid.shape[0] + 1) - 0.5, grid, cmap=cmap, norm=norm)
         integer_ticks(ax.yaxis)
         ax.set_xlabel('iteration')
         ax.set_ylabel('expert')
-        ax.set_title(f"layer {layer}")
-    fig.suptitle(f"{label}: expert load per training step (uniform = 1/E)")
+        panel_title(ax, f"layer {layer}")
+    bar = fig.colorbar(mesh, ax=axes, label=f"share of the assignments\n(white: balanced, 1/{n_exp} = {balanced:.3f})")
+    # ticks at 0, 1, 2, 4, 8 ... times the balanced share: how many times its fair share an expert takes
+    multiples = [0, 1] + [2 ** i for i in range(1, 12) if 2 ** i * balanced <= norm.vmax]
+    bar.set_ticks([k * balanced for k in multiples], labels=[f"{k}/{n_exp}" if k else '0' for k in multiples])
+    fig.suptitle(f"{label}: expert load, each expert's share of the assignments in a training step (load)")
     return save(plt, fig, os.path.join(out_dir, 'load.png'))
 
 
+# how specialization.png's colour bar reads a cell: metrics.py counts each token once, at
+# the expert with its largest gate weight among the experts it kept (top_expert)
+SPECIALIZATION_CELL = "share of the domain's tokens whose top-1 expert this is (top-1: the largest gate weight)"
+
+
 def plot_specialization(plt, lines, label, out_dir):
-    """Each domain's assignments split over the experts (a column sums to 1): an expert
-    that takes most of one domain and little of the others has specialised. Columns are
-    normalised, not rows, so that a frequent domain does not fill every expert's row."""
+    """Each domain's tokens split over the experts by their top-1 expert (a column sums to
+    1): an expert that takes most of one domain and little of the others has specialised.
+    Columns are normalised, not rows, so that a frequent domain does not fill every
+    expert's row. A token that capacity dropped from all its experts has no top-1 and is
+    not counted. One colour scale, 0 to 1, for every layer."""
     val = by_iter(lines, 'val')
     if not val:
         return None
@@ -244,19 +465,22 @@ def plot_specialization(plt, lines, label, out_dir):
     tables = [(layer, counts) for layer, counts in tables if counts is not None]
     if not tables:
         return None
-    fig, axes = panel_grid(plt, len(tables), width=4.5, height=3.5)
+    fig, axes = panel_grid(plt, len(tables), width=4.5, height=3.6, layout='constrained')
+    n_exp = max(counts.shape[0] for _, counts in tables)
     for ax, (layer, counts) in zip(axes, tables):  # counts [E, n_labels]
         share = counts / np.maximum(counts.sum(axis=0, keepdims=True), 1)
         names = last.get('label_names')
         if not isinstance(names, list) or len(names) != counts.shape[1]:
             names = [str(i) for i in range(counts.shape[1])]
-        image = ax.imshow(share, aspect='auto', cmap='magma', vmin=0)
-        fig.colorbar(image, ax=ax, label="share of the domain's assignments")
+        image = ax.imshow(share, aspect='auto', cmap='magma', vmin=0, vmax=1)
         ax.set_xticks(range(len(names)), names, rotation=45, ha='right', fontsize='small')
         integer_ticks(ax.yaxis)
         ax.set_ylabel('expert')
-        ax.set_title(f"layer {layer}")
-    fig.suptitle(f"{label}: expert x domain at iteration {last['iter']}")
+        panel_title(ax, f"layer {layer}")
+    fig.colorbar(image, ax=axes, location='bottom', shrink=0.9, aspect=40,
+                 label=f"{SPECIALIZATION_CELL}\na column sums to 1; a domain spread evenly would be "
+                       f"1/{n_exp} = {1 / n_exp:.3f} in each cell")
+    fig.suptitle(f"{label}: where each domain's tokens go, at iteration {last['iter']}")
     return save(plt, fig, os.path.join(out_dir, 'specialization.png'))
 
 
@@ -270,44 +494,52 @@ def plot_gate_similarity(plt, lines, label, out_dir):
     matrices = [(layer, similarity) for layer, similarity in matrices if similarity is not None]
     if not matrices:
         return None
-    fig, axes = panel_grid(plt, len(matrices), width=4.0, height=3.5)
+    fig, axes = panel_grid(plt, len(matrices), width=4.0, height=3.6, layout='constrained')
     for ax, (layer, similarity) in zip(axes, matrices):
         image = ax.imshow(similarity, cmap='RdBu_r', vmin=-1, vmax=1)
-        fig.colorbar(image, ax=ax, label='cosine similarity')
         integer_ticks(ax.xaxis, ax.yaxis)
         ax.set_xlabel('expert')
         ax.set_ylabel('expert')
-        ax.set_title(f"layer {layer}")
-    fig.suptitle(f"{label}: gate rows' cosine similarity S at iteration {last['iter']}")
+        panel_title(ax, f"layer {layer}")
+    fig.colorbar(image, ax=axes, label='cosine similarity\n(1: same direction, 0: orthogonal)')
+    fig.suptitle(f"{label}: {WORDS['gate_similarity']} at iteration {last['iter']} (gate_similarity)")
     return save(plt, fig, os.path.join(out_dir, 'gate_similarity.png'))
 
 
-# per-layer numbers of the val lines worth following over training; those a run does not log are left out
+# per-layer numbers of the val lines worth following over training; those a run does not
+# log, or logs as 0 at every eval, are left out (named at the bottom of the picture)
 VAL_METRICS = ['max_vio', 'router_entropy', 'gate_cos_sim', 'pair_coactivation', 'gate_angle',
-               'gate_spectral_entropy', 'expert_overlap', 'specialization', 'zero_token_experts_per_batch']
+               'gate_spectral_entropy', 'expert_overlap', 'specialization', 'zero_token_experts_per_batch',
+               'dropped_frac']
 
 
 def plot_val_metrics(plt, lines, label, out_dir):
     val = by_iter(lines, 'val')
     layers = layer_ids(val)
     series = {}  # metric -> layer -> [(iter, value)]
+    zero = []  # metrics logged, but 0 at every eval
     for metric in VAL_METRICS:
-        for layer in layers:
-            points = [(line['iter'], entry[metric]) for line in val
-                      if (entry := layer_entry(line, layer)) and is_number(entry.get(metric))]
-            if points:
-                series.setdefault(metric, {})[layer] = points
+        per_layer = {layer: points for layer in layers if (points := layer_points(val, layer, metric))}
+        if not per_layer:
+            continue
+        if all_zero(v for points in per_layer.values() for _, v in points):
+            zero.append(metric)
+        else:
+            series[metric] = per_layer
     if not series:
         return None
-    fig, axes = panel_grid(plt, len(series), width=4.0, height=3.0)
+    fig, axes = panel_grid(plt, len(series), width=4.0, height=3.2)
     for ax, (metric, per_layer) in zip(axes, series.items()):
         for layer, points in per_layer.items():
-            ax.plot(*zip(*points), marker='.', label=f"layer {layer}")
+            ax.plot(*zip(*points), marker='.', label=f"layer {layer}", color=layer_colour(plt, layers.index(layer)))
         ax.set_xlabel('iteration')
-        ax.set_title(metric)
+        ax.set_ylabel(AXIS[metric], fontsize='small')
+        panel_title(ax, WORDS[metric], metric)
     axes[0].legend(fontsize='small')
-    fig.suptitle(f"{label}: router metrics at each eval")
-    return save(plt, fig, os.path.join(out_dir, 'val_metrics.png'))
+    fig.suptitle(f"{label}: router metrics at each eval, a line per layer")
+    left_out = ', '.join(f"{WORDS[metric]} ({metric})" for metric in zero)
+    bottom = footnote(fig, f"not drawn, 0 at every eval: {left_out}" if zero else '')
+    return save(plt, fig, os.path.join(out_dir, 'val_metrics.png'), rect=(0, bottom, 1, 1))
 
 
 def plot_losses(plt, runs, path):
@@ -330,7 +562,7 @@ def plot_losses(plt, runs, path):
     for ax, title in ((ax_train, 'training loss (logged steps)'), (ax_val, 'val loss (evals)')):
         ax.set_xlabel('iteration')
         ax.set_ylabel('cross-entropy (router losses excluded)')
-        ax.set_title(title)
+        panel_title(ax, title)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize='small')
     fig.suptitle(f"{len(runs)} run{'s' * (len(runs) != 1)}")
@@ -370,39 +602,68 @@ def plot_group_lines(ax, runs, series_of, colours, groups):
         ax.text(0.5, 0.5, 'not logged', ha='center', va='center', transform=ax.transAxes, color='grey')
 
 
-def finish_group_figure(plt, fig, axes, runs, groups, path):
+def finish_group_figure(plt, fig, axes, runs, groups, path, note=''):
     handles, labels = next((ax.get_legend_handles_labels() for ax in axes if ax.get_lines()), ([], []))
-    fig.legend(handles, labels, loc='lower center', ncol=min(len(groups), 6), fontsize='small')
+    fig.legend(handles, labels, loc='lower center', ncol=min(len(groups), 6), fontsize='small',
+               bbox_to_anchor=(0.5, 0.3 / fig.get_figheight() if note else 0))
     seeds = sorted({sum(1 for _, g, _ in runs if g == group) for group in groups})
     fig.suptitle(f"mean over {'/'.join(map(str, seeds))} run{'s' * (seeds != [1])} per line; "
                  "band: smallest to largest run")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    bottom = footnote(fig, note)
+    return save(plt, fig, path, rect=(0, bottom + 0.45 / fig.get_figheight(), 1, 1))  # the legend: 0.45 inch
 
 
-# (split, key, title) of the panels of curves.png
+# (split, key) of the panels of curves.png; each is drawn when some run logs it as something
+# other than 0 (a top-1 router has no pair of experts to co-activate or overlap, and only a
+# run with a capacity drops)
 CURVES = [
-    ('val', 'loss', 'val loss'),
-    ('train', 'zero_token_experts', 'zero-token experts per training step (layer mean)'),
-    ('val', 'max_vio', 'max_vio (val, layer mean)'),
-    ('val', 'pair_coactivation', 'pair co-activation (val, layer mean)'),
-    ('val', 'gate_cos_sim', 'gate cosine similarity (val, layer mean)'),
-    ('val', 'expert_overlap', 'expert overlap (val, layer mean)'),
+    ('val', 'loss'),
+    ('train', 'zero_token_experts'),
+    ('val', 'max_vio'),
+    ('train', 'dropped_frac'),
+    ('val', 'pair_coactivation'),
+    ('val', 'gate_cos_sim'),
+    ('val', 'expert_overlap'),
 ]
 
 
+def curve_words(split, key):
+    """(title, small print) of a curves.png panel."""
+    if key == 'loss':
+        return f"{split} loss", None
+    where = 'training steps' if split == 'train' else 'evals'
+    return WORDS[key], f"{key}; {where}, mean over the layers"
+
+
+def curve_panels(runs):
+    """The CURVES entries with something to draw: some run logs the key as a number other
+    than 0. Returns (panels, [(title, why) left out])."""
+    panels, left_out = [], []
+    for split, key in CURVES:
+        values = [v for _, _, lines in runs for v in layer_series(lines, split, key).values()]
+        if values and not all_zero(values):
+            panels.append((split, key))
+        else:
+            left_out.append((f"{curve_words(split, key)[0]} ({key})", '0 in every run' if values else 'no run logs it'))
+    return panels, left_out
+
+
 def plot_group_curves(plt, runs, path):
-    """runs: [(label, group, lines)]. A panel per entry of CURVES, a line per group (the
-    seeds of a router). Returns path."""
+    """runs: [(label, group, lines)]. A panel per CURVES entry with something to draw (at
+    least the val loss panel), a line per group (the seeds of a router); the ones left out
+    are named at the bottom. Returns path."""
     groups = list(dict.fromkeys(group for _, group, _ in runs))
     colours = plt.get_cmap('tab10' if len(groups) <= 10 else 'tab20')
-    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for ax, (split, key, title) in zip(axes.flat, CURVES):
+    panels, left_out = curve_panels(runs)
+    if not panels:  # nothing logged at all: an empty val loss panel says so
+        panels, left_out = CURVES[:1], left_out[1:]
+    fig, axes = panel_grid(plt, len(panels), width=4.4, height=3.3, max_cols=3)
+    for ax, (split, key) in zip(axes, panels):
         plot_group_lines(ax, runs, lambda lines: layer_series(lines, split, key), colours, groups)
-        ax.set_title(title, fontsize='medium')
-    return finish_group_figure(plt, fig, list(axes.flat), runs, groups, path)
+        panel_title(ax, *curve_words(split, key))
+        ax.set_ylabel(AXIS.get(key, 'cross-entropy (nats)'), fontsize='small')
+    note = '; '.join(f"{title}: {why}" for title, why in left_out)
+    return finish_group_figure(plt, fig, axes, runs, groups, path, f"not drawn: {note}" if note else '')
 
 
 def plot_group_zero_token(plt, runs, path):
@@ -417,12 +678,19 @@ def plot_group_zero_token(plt, runs, path):
     for ax, layer in zip(axes, layers):
         plot_group_lines(ax, runs, lambda lines: layer_series(lines, 'train', 'zero_token_experts', layer),
                          colours, groups)
-        ax.set_title(f"layer {layer}: experts with no token", fontsize='medium')
+        panel_title(ax, f"layer {layer}: {WORDS['zero_token_experts']}", 'zero_token_experts')
+        ax.set_ylabel(AXIS['zero_token_experts'])
+        integer_ticks(ax.yaxis)
+    # one y scale, so that the layers compare at a glance
+    bottom, top = min(ax.get_ylim()[0] for ax in axes), max(ax.get_ylim()[1] for ax in axes)
+    for ax in axes:
+        ax.set_ylim(bottom, top)
     return finish_group_figure(plt, fig, axes, runs, groups, path)
 
 
 # (file, function, what the run must log for it)
 PICTURES = [
+    ('overview.png', plot_overview, 'MoE layers'),
     ('zero_token.png', plot_zero_token, 'MoE layers on the train lines'),
     ('load.png', plot_load, 'MoE layers on the train lines'),
     ('specialization.png', plot_specialization, "expert_label_counts on the last val line"),

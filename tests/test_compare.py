@@ -79,8 +79,8 @@ def write_run(path, lines, run_info=None):
 def test_run_stats_by_hand():
     stats = compare.run_stats(metrics_lines(optional=True))
     assert stats['val_loss'] == 1.5  # last val line (iter 30): 3.0 - 30/20
-    # train lines at 0 and 30 also ran an eval and are left out: (200 + 300 + 600) / 3
-    assert stats['tokens_per_s'] == pytest.approx(1100 / 3)
+    # every logged step (train.py leaves an eval's time out of its step): (100 + 200 + 300 + 400 + 600) / 5
+    assert stats['tokens_per_s'] == pytest.approx(320)
     # zero_token_experts by iteration, layers 0/1: 1/0, 0/0, 0/1, 0/0, 0/0 -> for good from 30
     assert stats['all_experts_iter'] == 30
     assert stats['max_vio'] == pytest.approx(0.3)  # mean of 0.2 and 0.4
@@ -176,6 +176,69 @@ def test_paired_table_by_hand():
     assert lines[4] == '| dense | 1.6000 | n/a | +0.1000 (0 of 1 lower) |'  # one seed in common: no spread
 
 
+def markdown_tables(text):
+    """The tables of a markdown text in order, each as (headers, {first cell: the row's cells})."""
+    tables, block = [], []
+    for line in [*text.splitlines(), '']:
+        if line.startswith('|'):
+            block.append([cell.strip() for cell in line.strip('|').split('|')])
+        elif block:
+            headers, rows = block[0], block[2:]  # block[1] is the | --- | line
+            tables.append((headers, {row[0]: dict(zip(headers, row)) for row in rows}))
+            block = []
+    return tables
+
+
+def results_tables(stats_by_row):
+    """results.md's first table and its 'More numbers' table for runs with these stats, one seed each."""
+    rows = list(stats_by_row)
+    config = {'routers': rows, 'seeds': [1], 'jobs': 1, 'zero_token_at': [], 'compare_dir': 'cmp'}
+    runs = [(f"{row}-s1", row, 1, f"cmp/{row}-s1", ['python', 'train.py', f'--router={row}']) for row in rows]
+    stats = {f"{row}-s1": stats_by_row[row] for row in rows}
+    text = compare.results_markdown(config, runs, stats, {name: 1.0 for name in stats}, ['compare.py'], 1.0, 0, None)
+    tables = markdown_tables(text)
+    assert tables[1][0] == ['router', 'seed 1', f"minus {rows[0]}, same seed"]  # the paired table between them
+    assert 'More numbers of each run:' in text.split('| router | seed 1 |')[1].split('| router |')[0]
+    return tables[0][0][1:], tables[2][0][1:]
+
+
+# every column of the two tables; lessons/, RESULTS.md and docs quote these headers
+EVERY_HEADER = ['val loss', 'tokens/s', 'zero-token experts', 'zero-token per batch', 'zero-token, training mean',
+                'iters until all experts used', 'max_vio', 'routing_variance', 'expert_overlap', 'pair_coactivation',
+                'specialization', 'router_entropy', 'load_cv', 'dropped_frac', 'dropped, training mean',
+                'gate_cos_sim', 'gate_angle', 'gate_spectral_entropy']
+
+
+def test_first_table_is_short_and_takes_the_columns_that_matter_for_the_runs():
+    def stats(pairs=False, drops=False, idle=False):
+        lines = metrics_lines(optional=pairs)  # optional: expert_overlap is logged, as for top-2
+        for line in lines:
+            for entry in line['layers']:
+                if not pairs and 'pair_coactivation' in entry:
+                    entry['pair_coactivation'] = 0.0  # top-1: no second expert to co-activate
+        train = plot.by_iter(lines, 'train')
+        if drops:
+            train[1]['layers'][0]['dropped_frac'] = 0.1
+        if idle:
+            train[-1]['layers'][1]['zero_token_experts'] = 2  # still an idle expert at the end: never all used
+        return compare.run_stats(lines)
+
+    core = ['val loss', 'tokens/s', 'zero-token experts', 'max_vio', 'specialization']
+    first, more = results_tables({'switch': stats()})
+    assert first == core
+    assert sorted(first + more) == sorted(EVERY_HEADER)  # every number still in one of the two tables
+    # one run that drops is enough to bring lesson 4's numbers to the first table
+    first, more = results_tables({'switch': stats(), 'switch-cf1.0': stats(drops=True)})
+    assert first == core + ['dropped, training mean', 'dropped_frac']
+    assert sorted(first + more) == sorted(EVERY_HEADER)
+    first, more = results_tables({'topk': stats(pairs=True)})
+    assert first == core + ['pair_coactivation', 'expert_overlap']
+    first, more = results_tables({'topk-noaux': stats(pairs=True, idle=True), 'switch-cf1.0': stats(drops=True)})
+    assert first == core + ['zero-token, training mean', 'iters until all experts used', 'pair_coactivation',
+                            'expert_overlap', 'dropped, training mean', 'dropped_frac']
+    assert sorted(first + more) == sorted(EVERY_HEADER)
+
+
 # -----------------------------------------------------------------------------
 # plot.py
 
@@ -192,9 +255,11 @@ def test_plot_writes_every_png(tmp_path, capsys):
     odd = write_run(tmp_path / 'odd', odd)
     plot.main([full, plain, dense, odd])
     printed = capsys.readouterr().out.splitlines()
-    every = ['zero_token.png', 'load.png', 'specialization.png', 'gate_similarity.png', 'val_metrics.png']
+    every = ['overview.png', 'zero_token.png', 'load.png', 'specialization.png', 'gate_similarity.png',
+             'val_metrics.png']
     assert sorted(os.listdir(full)) == sorted(['metrics.jsonl', 'run.json', *every])
-    assert sorted(os.listdir(plain)) == sorted(['metrics.jsonl', 'zero_token.png', 'load.png', 'val_metrics.png'])
+    assert sorted(os.listdir(plain)) == sorted(['metrics.jsonl', 'overview.png', 'zero_token.png', 'load.png',
+                                                'val_metrics.png'])
     assert os.listdir(dense) == ['metrics.jsonl']
     assert sorted(os.listdir(odd)) == sorted(os.listdir(plain))
     for name in ('loss.png', 'curves.png', 'zero_token_layers.png'):  # to the runs' common parent
@@ -410,11 +475,17 @@ def test_compare_end_to_end_and_skips_finished_runs(tmp_path, tiny_data, capsys)
     assert done['wall_s'] > 0 and done['command'] == info['command']
 
     results = (cmp_dir / 'results.md').read_text()
-    number = r'[0-9][0-9,]*\.?[0-9]*'
-    assert re.search(rf"^\| dense \| {number} \| {number} \| n/a \| n/a \| n/a \| n/a \| n/a \|", results, re.M), results
-    # switch is top-1: no expert_overlap; every other column has a number
-    assert re.search(rf"^\| switch \| {number} \| {number} \| {number} \| {number} \| {number} \| ({number}|never) \| {number} \| "
-                     rf"{number} \| n/a \| {number} \| {number} \|", results, re.M), results
+    (first, rows), _, (more, more_rows) = markdown_tables(results)[:3]
+    assert first[:6] == ['router', 'val loss', 'tokens/s', 'zero-token experts', 'max_vio', 'specialization']
+    assert sorted(first[1:] + more[1:]) == sorted(EVERY_HEADER)
+    number = re.compile(r'[0-9][0-9,]*\.?[0-9]*|never')
+    for row in (rows, more_rows):
+        # the dense twin has a val loss and a speed, and no routing
+        assert all(number.fullmatch(cell) if header in ('val loss', 'tokens/s') else cell == 'n/a'
+                   for header, cell in row['dense'].items() if header != 'router'), row['dense']
+        # switch is top-1: no expert_overlap; every other column has a number
+        assert all(number.fullmatch(cell) if header != 'expert_overlap' else cell == 'n/a'
+                   for header, cell in row['switch'].items() if header != 'router'), row['switch']
     assert "python compare.py" in results and "torch" in results and "Wall time" in results
     assert '2 runs trained at once' in results and 'OMP_NUM_THREADS=' in results
     if importlib.util.find_spec('matplotlib'):
