@@ -8,8 +8,8 @@ $ cd ../nanorouter-exercise-2 && python lessons/exercise.py 2 --check --name=Ada
 $ python lessons/exercise.py --gather ~/class    # a teacher's table of the grade files
 
 The copy holds the repository's files (no git history, no runs, no datasets, no
-lessons/ANSWERS.md): the functions of exercise N keep their signature and docstring, and
-their body becomes `raise NotImplementedError("Exercise N: ...")`. Everything else is the
+lessons/ANSWERS.md nor the script that checks it): the functions of exercise N keep their
+signature and docstring, and their body becomes `raise NotImplementedError("Exercise N: ...")`. Everything else is the
 real code, so once a function is written, train.py, compare.py and plot.py run with it.
 The copy is a git repository of its own, one commit of the files as given (when git is
 installed), so `git diff` shows what the student wrote, and .exercise.json in it says
@@ -41,11 +41,13 @@ from datetime import datetime
 from traceback import extract_tb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# never in a student copy: git history, the teacher's answers, the test that keeps wrong
-# versions of the exercises (lessons/exercise.py's own test), and, when a copy is copied,
-# its mark (the new copy gets its own); .gitignore adds the rest
+# never in a student copy: git history, the teacher's answers with the script and test that
+# check them, the test that keeps wrong versions of the exercises (lessons/exercise.py's
+# own test), and, when a copy is copied, its mark (the new copy gets its own); .gitignore
+# adds the rest
 MARKER = '.exercise.json'
-NOT_COPIED = ['.git', 'lessons/ANSWERS.md', 'tests/test_lessons.py', MARKER]
+NOT_COPIED = ['.git', 'lessons/ANSWERS.md', 'lessons/answers.py', 'tests/test_answers.py', 'tests/test_lessons.py',
+              MARKER]
 # a student's grades stay in the copy that earned them, wherever it is copied to
 GRADE_FILES = 'grade-exercise-*.json'
 # a student's name in the grade file: --name=NAME, else this variable, else the login name

@@ -13,6 +13,23 @@ from forkrun import REPO, ForkRunner
 sys.path.insert(0, REPO)  # the project's modules, whether pytest runs from the repository or from tests/
 
 
+# Tests marked slow (every lesson's numbers, about 10 minutes on 2 cores) run only when asked:
+#   python -m pytest -q --run-slow tests/test_answers.py
+def pytest_addoption(parser):
+    parser.addoption('--run-slow', action='store_true', help="also run the tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', "slow: minutes of training; skipped unless --run-slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption('--run-slow'):
+        for item in items:
+            if 'slow' in item.keywords:
+                item.add_marker(pytest.mark.skip(reason="slow: run with --run-slow"))
+
+
 @pytest.fixture(scope='session')
 def runner():
     if not hasattr(os, 'fork'):

@@ -362,6 +362,9 @@ def test_the_copy_holds_no_solution(tmp_path, number):
     for rel in files:
         assert not rel.startswith(('.git/', 'out')) and not rel.endswith(('.bin', '.pt', '.pyc')), rel
     assert not os.path.exists(os.path.join(copy, 'lessons', 'ANSWERS.md'))
+    # the script and test that check the answers would fail without them
+    assert not os.path.exists(os.path.join(copy, 'lessons', 'answers.py'))
+    assert not os.path.exists(os.path.join(copy, 'tests', 'test_answers.py'))
     assert not os.path.exists(os.path.join(copy, 'test_lessons.py'))  # its wrong bodies are near-solutions
     # a line that, in this repository, only the reference body has is nowhere in the copy
     reference = reference_sources(number)
