@@ -368,8 +368,9 @@ def run_stats(lines, zero_token_iters=()):
     zero_token_iters: the iterations of compare's zero_token_at."""
     train, val = plot.by_iter(lines, 'train'), plot.by_iter(lines, 'val')
     last = val[-1] if val else {}
-    # train.py times the training step alone, an eval at its top not counted
-    speeds = [line['tokens_per_s'] for line in train if plot.is_number(line.get('tokens_per_s'))]
+    # train.py times the training step alone, an eval at its top not counted; the run's first
+    # logged step is left out (it warms up: memory, caches)
+    speeds = [line['tokens_per_s'] for line in train[1:] or train if plot.is_number(line.get('tokens_per_s'))]
     stats = {
         'val_loss': last['loss'] if plot.is_number(last.get('loss')) else None,
         'tokens_per_s': mean(speeds),
@@ -502,8 +503,8 @@ def column_notes(columns, jobs):
     notes = []
     for key, header, _ in columns:
         if key == 'tokens_per_s':
-            notes.append('- tokens/s: mean over the logged training steps of `tokens_per_s` (the training step '
-                         'alone: train.py leaves an eval out of its time). '
+            notes.append('- tokens/s: mean over the logged training steps but the first of `tokens_per_s` (the '
+                         'training step alone: train.py leaves an eval out of its time). '
                          + ('Runs ran one after another' if jobs == 1 else f"{jobs} runs trained at once")
                          + ' on a shared machine: compare speeds with care.')
         elif key in COLUMN_NOTES:

@@ -124,10 +124,7 @@ def show_routing(tokens, experts, width=80):
     """Print the text in rows of `width` characters, each followed by one row per MoE layer
     with the expert that processed the character above it. A newline shows as newline_mark()."""
     layers = sorted(experts[0]) if experts else []
-    newline = newline_mark()
-    print(f"(a newline shows as {newline}; under each character, the expert that gave it the largest weight "
-          f"in each layer: 0-9, a-z, A-Z for experts 0 to 61, '+' beyond; '.' = no expert)")
-    text = ''.join(t.replace('\n', newline) for t in tokens)
+    text = ''.join(t.replace('\n', newline_mark()) for t in tokens)
     rows = {layer: ''.join(expert_char(e[layer]) * len(t) for t, e in zip(tokens, experts)) for layer in layers}
     for i in range(0, len(text), width):
         print(text[i:i + width])
@@ -136,6 +133,9 @@ def show_routing(tokens, experts, width=80):
         print()
 
 
+if show_experts:
+    print(f"(a newline shows as {newline_mark()}; under each character, the expert that gave it the largest weight "
+          f"in each layer: 0-9, a-z, A-Z for experts 0 to 61, '+' beyond; '.' = no expert)")
 with torch.no_grad(), ctx:
     for _ in range(num_samples):
         y, experts = model.generate(x, max_new_tokens, temperature=temperature, top_tokens=top_tokens, return_experts=True)

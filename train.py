@@ -296,11 +296,13 @@ def evaluate(it, lr):
     extra = extra_evals.run(model, raw_model, eval_generator)  # answers, eval_also (evals.py)
     val_stats = val_stats.to_host()[0]  # the eval's routing numbers, read back in one transfer
     layers = val_stats.summary(tables=True)
-    print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (eval {time.time() - eval_start:.1f}s)")
+    eval_ms = (time.time() - eval_start) * 1000
+    print(f"step {it}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} (eval {eval_ms / 1000:.1f}s)")
     for line in extra_evals.describe(extra) + ([format_routing_table(layers)] if layers else []):
         print(line)
     log_json({'iter': it, 'split': 'val', 'loss': losses['val'], 'train_loss': losses['train'], 'lr': lr,
-              'losses': val_stats.loss_summary(), 'layers': layers, 'label_names': data.label_names, **extra})
+              'eval_ms': eval_ms, 'losses': val_stats.loss_summary(), 'layers': layers,
+              'label_names': data.label_names, **extra})
     if wandb_log:
         wandb.log({'iter': it, 'train/loss': losses['train'], 'val/loss': losses['val'], 'lr': lr})
     return losses['val']
@@ -455,7 +457,9 @@ while True:
             mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         loss_parts = ''.join(f", {name} {value:.4f}" for name, value in router_losses.items())
-        mfu_text = '' if not peak else f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else ', mfu -'
+        mfu_text = ''  # none on a CPU
+        if peak:
+            mfu_text = f", mfu {running_mfu * 100:.2f}%" if running_mfu >= 0 else ", mfu -"
         print(f"iter {iter_num}: loss {lm_loss:.4f}{loss_parts}, lr {lr:.2e}, time {dt * 1000:.1f}ms, "
               f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
         log_json({'iter': iter_num, 'split': 'train', 'loss': lm_loss, 'lr': lr, 'losses': router_losses,
@@ -470,5 +474,6 @@ while True:
 ddp_sync.finish(raw_model)  # every rank must end with the same model: checked, then the ranks leave together
 if master_process and not eval_only:  # what the run left, and where to go from here
     saved = f"checkpoint {ckpt_path} (iter {saved_iter})" if saved_iter is not None else "no checkpoint saved"
-    print(f"done: iter {iter_num} in {time.time() - run_start:.0f}s; best val loss {best_val_loss:.4f}; {saved}; "
+    best = f"{best_val_loss:.4f}" if best_val_loss < 1e9 else "none"  # 1e9: no finite eval yet
+    print(f"done: iter {iter_num} in {time.time() - run_start:.0f}s; best val loss {best}; {saved}; "
           f"next: python sample.py --out_dir={out_dir}, python plot.py {out_dir}")

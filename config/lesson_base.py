@@ -8,6 +8,7 @@ seeds = [1337]
 compare_dir = 'out-lesson1'
 jobs = 2  # two runs at once, one core each
 train = dict(
+    device='cpu',  # the lessons' numbers and times are a CPU's, on a GPU or a Mac too
     dataset='domains',
     n_layer=2,
     n_head=4,

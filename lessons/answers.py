@@ -1,10 +1,10 @@
 """
 The numbers of lessons/ANSWERS.md, measured from the lessons' own commands, and checked.
 
-$ python lessons/answers.py              # run lessons 1-6 here (out-lesson*/) and check ANSWERS.md
+$ python lessons/answers.py              # lessons 1-6, run in the repository (out-lesson*/), checked
 $ python lessons/answers.py 1 4          # lessons 1 and 4 only
 $ python lessons/answers.py --write      # put the measured numbers into ANSWERS.md (and the lessons)
-$ python lessons/answers.py --runs=DIR   # run them in DIR instead of the current folder
+$ python lessons/answers.py --runs=DIR   # run them in DIR instead of the repository
 
 The lessons' commands run as a student runs them, so finished runs in out-lesson*/ (the
 lessons' own, run from the repository) are reused, not trained again.
@@ -19,15 +19,13 @@ sums differently, and 300 steps of training carry the difference on. The toleran
 set from the largest gaps seen between runs of these lessons on one machine with its
 AVX-512 kernels, with ATEN_CPU_CAPABILITY=avx2 (the kernels of a CPU without AVX-512) and
 with OMP_NUM_THREADS=2 instead of 1 (TOLERANCES); a written number may also be off by
-half a unit of its last digit, its rounding. To
-measure such a gap yourself, run the script twice with --runs set to two folders, once
-under `ATEN_CPU_CAPABILITY=avx2`: it prints each number's gap to ANSWERS.md.
+half a unit of its last digit, its rounding. To see such gaps yourself, run the script
+with --runs=DIR under `ATEN_CPU_CAPABILITY=avx2`: it prints each number's gap to ANSWERS.md.
 
 Check mode exits 1 when a number is off by more than its tolerance: the code changed what
 a lesson shows, and the answer around that number needs rereading (then --write).
 """
 
-import math
 import os
 import re
 import subprocess
@@ -42,7 +40,7 @@ sys.path.insert(0, REPO)
 import compare  # noqa: E402  (the statistics of results.md: one definition for both)
 import plot  # noqa: E402  (read_metrics)
 
-# each lesson's command: python compare.py CONFIG --compare_dir=RUNS/out-lessonN
+# each lesson's command, python compare.py CONFIG, run in the runs' folder
 CONFIGS = {1: 'config/lesson_base.py', 2: 'config/lesson2_balance.py', 3: 'config/lesson3_aux_free.py',
            4: 'config/lesson4_capacity.py', 5: 'config/lesson5_gatepro.py', 6: 'config/lesson6_seeds.py'}
 SEEDS = (1337, 1338, 1339)  # lesson 6's
@@ -222,17 +220,15 @@ FILES = [ANSWERS, *sorted(os.path.join(LESSONS_DIR, name) for name in os.listdir
 
 
 def tagged_numbers(text, where='ANSWERS.md'):
-    """{name: the number as written, as text} of every tagged number in a file's text;
-    ValueError when a name is tagged twice in one file or names no measure."""
-    found = {}
+    """[(name, the number as written)] of every tagged number in a file's text, in order (a
+    number quoted twice is tagged twice); ValueError when a tag names no measure."""
+    found = []
     for match in TAG.finditer(text):
         number, _, name = match.groups()
-        if name in found:
-            raise ValueError(f"{name} is tagged twice in {where}; tag each number once per file")
         if name not in MEASURES:
             raise ValueError(f"{where} tags a number {name}, which lessons/answers.py does not measure; "
                              f"add it to MEASURES or remove the tag")
-        found[name] = number
+        found.append((name, number))
     return found
 
 
@@ -245,29 +241,40 @@ def value_and_rounding(number):
 def read_files():
     texts = {}
     for path in FILES:
-        with open(path) as f:
+        with open(path, encoding='utf-8') as f:
             texts[path] = f.read()
     return texts
 
 
-def run_lessons(lessons, runs_dir):
+def run_lessons(lessons, runs_dir, env=None):
     """Run each lesson's command in runs_dir, as a student runs it in the repository: its
     out-lessonN/ lands there, and compare.py reuses the runs it finds finished (a class's
-    runs, when runs_dir is where the class ran the lessons)."""
+    runs, when runs_dir is where the class ran the lessons). env: the commands' environment
+    (default this process's)."""
     os.makedirs(runs_dir, exist_ok=True)
     for lesson in lessons:
         command = [sys.executable, os.path.join(REPO, 'compare.py'), os.path.join(REPO, CONFIGS[lesson])]
         print(f"lesson {lesson}: python compare.py {CONFIGS[lesson]} (in {runs_dir})", flush=True)
-        done = subprocess.run(command, cwd=runs_dir, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        done = subprocess.run(command, cwd=runs_dir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ['(no output)'])[-1]
             raise RuntimeError(f"lesson {lesson}'s command failed: {tail}")
 
 
 def measure(lessons, runs_dir):
-    """{name: value} of the measures of these lessons, read from runs_dir."""
+    """{name: value} of the measures of these lessons, read from runs_dir; ValueError naming
+    the measure when its runs do not hold what it reads (runs of another config, say)."""
     runs = Runs(runs_dir)
-    return {name: m.read(runs) for name, m in MEASURES.items() if m.lesson in lessons}
+    measured = {}
+    for name, m in MEASURES.items():
+        if m.lesson in lessons:
+            try:
+                measured[name] = m.read(runs)
+            except (KeyError, IndexError, StopIteration, TypeError, ZeroDivisionError) as e:
+                raise ValueError(f"cannot read {name} from the runs in {runs_dir} ({type(e).__name__}: {e}); "
+                                 f"delete out-lesson{m.lesson}/ there and run again") from None
+    return measured
 
 
 def differences(measured, texts):
@@ -276,13 +283,13 @@ def differences(measured, texts):
     rows = []
     for path, text in texts.items():
         where = os.path.relpath(path, REPO)
-        for name, number in tagged_numbers(text, where).items():
+        for name, number in tagged_numbers(text, where):
             if name in measured:
                 written, rounding = value_and_rounding(number)
                 tolerance = MEASURES[name].tolerance(measured[name])
                 within = abs(measured[name] - written) <= tolerance + rounding
                 rows.append((where, name, written, measured[name], tolerance, within))
-    missing = set(measured) - set(tagged_numbers(texts[ANSWERS]))
+    missing = set(measured) - {name for name, _ in tagged_numbers(texts[ANSWERS])}
     if missing:
         raise ValueError(f"ANSWERS.md has no number tagged {', '.join(sorted(missing))}; add <!-- NAME --> after it")
     return rows
@@ -300,7 +307,7 @@ def write_numbers(text, measured):
 
 
 def main(argv):
-    lessons, runs_dir, write = [], '.', False
+    lessons, runs_dir, write = [], REPO, False
     for arg in argv:
         if arg == '--write':
             write = True
@@ -329,7 +336,7 @@ def main(argv):
     off = sorted({row[1] for row in rows if not row[5]})
     if write:
         for path, text in texts.items():
-            with open(path, 'w') as f:
+            with open(path, 'w', encoding='utf-8') as f:
                 f.write(write_numbers(text, measured))
         print(f"wrote {len(measured)} measured numbers where they are tagged; reread the answers around those that moved")
     elif off:

@@ -41,13 +41,13 @@ from datetime import datetime
 from traceback import extract_tb
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# never in a student copy: git history, the teacher's answers with the script and test that
-# check them, the test that keeps wrong versions of the exercises (lessons/exercise.py's
-# own test), and, when a copy is copied, its mark (the new copy gets its own); .gitignore
-# adds the rest
+# never in a student copy: git history, CI (it checks the answers), the teacher's answers
+# with the script and test that check them, the test that keeps wrong versions of the
+# exercises (lessons/exercise.py's own test), and, when a copy is copied, its mark (the new
+# copy gets its own); .gitignore adds the rest
 MARKER = '.exercise.json'
-NOT_COPIED = ['.git', 'lessons/ANSWERS.md', 'lessons/answers.py', 'tests/test_answers.py', 'tests/test_lessons.py',
-              MARKER]
+NOT_COPIED = ['.git', '.ci', 'lessons/ANSWERS.md', 'lessons/answers.py', 'tests/test_answers.py',
+              'tests/test_lessons.py', MARKER]
 # a student's grades stay in the copy that earned them, wherever it is copied to
 GRADE_FILES = 'grade-exercise-*.json'
 # a student's name in the grade file: --name=NAME, else this variable, else the login name
@@ -293,6 +293,10 @@ def commit_copy(out, number):
         if done.returncode != 0:
             why = (done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}").splitlines()[-1]
             return f"git {step} failed ({why}), so the copy is not a git repository"
+        if step == 'init':  # the grade files stay out of what a student commits (git add -A)
+            os.makedirs(os.path.join(out, '.git', 'info'), exist_ok=True)
+            with open(os.path.join(out, '.git', 'info', 'exclude'), 'a') as f:
+                f.write(f"{GRADE_FILES}\n")
     return None
 
 

@@ -39,7 +39,7 @@ def records(out_dir):
         return [json.loads(line) for line in f]
 
 
-VOLATILE = ('time_ms', 'tokens_per_s', 'mfu')
+VOLATILE = ('time_ms', 'tokens_per_s', 'mfu', 'eval_ms')
 
 
 def without_times(record):

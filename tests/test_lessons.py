@@ -365,7 +365,7 @@ def test_the_copy_holds_no_solution(tmp_path, number):
     # the script and test that check the answers would fail without them
     assert not os.path.exists(os.path.join(copy, 'lessons', 'answers.py'))
     assert not os.path.exists(os.path.join(copy, 'tests', 'test_answers.py'))
-    assert not os.path.exists(os.path.join(copy, 'test_lessons.py'))  # its wrong bodies are near-solutions
+    assert not os.path.exists(os.path.join(copy, 'tests', 'test_lessons.py'))  # its wrong bodies are near-solutions
     # a line that, in this repository, only the reference body has is nowhere in the copy
     reference = reference_sources(number)
     code = {rel: open(os.path.join(copy, rel)).read() for rel in files if rel.endswith('.py')}
@@ -542,6 +542,7 @@ def test_the_copy_is_a_git_repository_of_one_commit_and_copies_again(tmp_path):
     assert 'raise NotImplementedError("Exercise 2: write z_loss' in git(copy, 'show', 'HEAD:routers.py')
     # a student's grade and history stay in their copy when it is copied for another exercise
     (copy / 'grade-exercise-2.json').write_text('{}')
+    assert git(copy, 'status', '--porcelain') == ''  # and out of what git add -A would commit
     second = tmp_path / 'ex3'
     files = exercise.make_copy(3, str(second), root=str(copy))
     assert not [rel for rel in files if rel.startswith('.git/') or rel.startswith('grade-exercise')]
