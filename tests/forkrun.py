@@ -55,6 +55,9 @@ def _child(job, out_path, err_path):
     for path, fd in ((out_path, 1), (err_path, 2)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_TRUNC), fd)
     sys.argv = [job['script'], *job['args']]
+    # Ctrl-C as in a terminal: a shell that starts the tests in the background (CI, `cmd &`)
+    # hands them SIGINT ignored, and Python then keeps it ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     code = 0
     try:
         runpy.run_path(job['script'], run_name='__main__')
