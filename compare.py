@@ -377,12 +377,11 @@ def run_stats(lines, zero_token_iters=()):
         'all_experts_iter': all_experts_used_iter(train),
         'zero_token_train_mean': training_mean(train, 'zero_token_experts'),
         'dropped_train_mean': training_mean(train, 'dropped_frac'),
+        'experts_vary': plot.experts_vary(lines),  # topp, remoe, null experts: not top_k at every token
     }
     for iteration in zero_token_iters:
         stats[f"zero_token_at:{iteration}"] = zero_token_at(train, iteration)
-    for key in ('zero_token_experts', 'zero_token_experts_per_batch', 'max_vio', 'routing_variance',
-                'expert_overlap', 'pair_coactivation', 'specialization', 'router_entropy', 'load_cv',
-                'dropped_frac', 'gate_cos_sim', 'gate_angle', 'gate_spectral_entropy'):
+    for key in LAST_VAL_KEYS:
         stats[key] = layer_mean(last, key)
     if stats['specialization'] is None and plot.is_number(last.get('specialization')):
         stats['specialization'] = last['specialization']  # logged for the whole model, not per layer
@@ -446,6 +445,10 @@ SOMETIMES_COLUMNS = {
         ('dropped_train_mean', 'dropped, training mean', '.4f'),
         ('dropped_frac', 'dropped_frac', '.4f'),
     ],
+    # some run gives a token as many experts as it needs (topp, remoe) or has null experts
+    'variable_k': [
+        ('experts_per_token', 'experts per token', '.2f'),
+    ],
 }
 MORE_COLUMNS = [
     ('zero_token_experts_per_batch', 'zero-token per batch', '.2f'),
@@ -469,6 +472,8 @@ def groups_that_matter(all_stats):
         # expert_overlap is not logged
         'pairs': some(lambda s: positive(s, 'pair_coactivation') or s.get('expert_overlap') is not None),
         'drops': some(lambda s: positive(s, 'dropped_train_mean') or positive(s, 'dropped_frac')),
+        # a fixed top_k makes it top_k (less the drops) in every run: then it waits in the second table
+        'variable_k': some(lambda s: s.get('experts_vary')),
     }
     return [group for group in SOMETIMES_COLUMNS if matter[group]]
 
@@ -482,9 +487,9 @@ def main_columns(all_stats):
 
 
 # what each column is, under the table it is in; the columns of the last val line share a note
-LAST_VAL_KEYS = {'zero_token_experts', 'zero_token_experts_per_batch', 'max_vio', 'routing_variance',
+LAST_VAL_KEYS = ('zero_token_experts', 'zero_token_experts_per_batch', 'max_vio', 'routing_variance',
                  'expert_overlap', 'pair_coactivation', 'specialization', 'router_entropy', 'load_cv',
-                 'dropped_frac', 'gate_cos_sim', 'gate_angle', 'gate_spectral_entropy'}
+                 'dropped_frac', 'gate_cos_sim', 'gate_angle', 'gate_spectral_entropy', 'experts_per_token')
 COLUMN_NOTES = {
     'val_loss': '`loss` of the last val line (cross-entropy, router losses excluded).',
     'zero_token_train_mean': 'zero_token_experts of every logged training step, mean over the steps and the '
@@ -495,6 +500,9 @@ COLUMN_NOTES = {
     'dropped_train_mean': 'dropped_frac of every logged training step, mean over the steps and the MoE '
                           'layers: the share of the assignments dropped past the capacity (training drops '
                           'past capacity_factor, an eval past eval_capacity_factor).',
+    'experts_per_token': 'the experts that ran per token, mean over the tokens (experts_per_token): top_k, '
+                         'less what capacity drops, for a fixed-k router; what the tokens took under topp, '
+                         'remoe or null experts.',
 }
 
 
@@ -619,8 +627,8 @@ def results_markdown(config, runs, stats, walls, argv, wall_now, n_trained, plot
         f"(the value alone for one seed); n/a: the runs do not log it (the dense twin has no router).", '',
         'The numbers every comparison is read by, and those that matter for these runs (idle experts when '
         'a run ends with one, dropped assignments when a run drops any, pair co-activation and expert '
-        'overlap when a run sends a token to two experts or more); the rest are under "More numbers of each '
-        'run" below:', '',
+        'overlap when a run sends a token to two experts or more, experts per token when a run gives each '
+        'token as many as it needs); the rest are under "More numbers of each run" below:', '',
         table(first, routers, stats_by_router), '',
         *column_notes(first, config['jobs']), '',
         'Val loss seed by seed, and minus the first row\'s at the same seed (the runs of one seed '

@@ -144,7 +144,9 @@ class RoutingStats:
     of a training step, or the batches of an evaluation)."""
     # the totals that are sums over tokens and passes: under DDP, system.all_reduce_stats adds them over ranks
     SUMMED_TOTALS = ('counts', 'zero_per_pass', 'n_requested', 'n_pairs', 'entropy_sum', 'variance_sum', 'n_tokens',
-                     'coactivation_sum', 'overlap_sum', 'overlap_tokens', 'label_counts')
+                     'coactivation_sum', 'overlap_sum', 'overlap_tokens', 'label_counts', 'experts_sum',
+                     'experts_square_sum', 'experts_histogram', 'cap_bound_sum', 'label_experts', 'label_tokens',
+                     'active_gates')
 
     def __init__(self, label_names=None):
         self.layers = {}   # layer index -> dict of tensor totals
@@ -156,7 +158,8 @@ class RoutingStats:
         """routings: {layer: Routing} and router_losses: {name: scalar summed over layers}
         from one forward. full=False counts only the assignments (what the routers'
         step_finished needs), skipping everything else. labels [N]: a label id per token
-        (its domain, or its character class) for the expert x label table."""
+        (its domain, or its character class) for the expert x label table and the experts
+        per token of each label."""
         self.n_passes += 1
         for name, value in (router_losses or {}).items():
             self.losses[name] = self.losses.get(name, 0.0) + value.detach()
@@ -167,13 +170,25 @@ class RoutingStats:
             counts = routing.load()  # kept assignments only: a dropped pair is no expert's load
             totals['counts'] = totals['counts'] + counts
             totals['zero_per_pass'] = totals['zero_per_pass'] + (counts == 0).sum()
-            totals['n_requested'] += routing.n_requested
+            # assignments asked for: an empty slot (past top-p's cut, a null expert) is not one
+            totals['n_requested'] = totals['n_requested'] + routing.n_requested
             totals['n_pairs'] = totals['n_pairs'] + routing.n_pairs
+            if routing.active_gates is not None:  # ReMoE: every positive gate, run or cut by the cap
+                totals['active_gates'] = totals.get('active_gates', 0) + routing.active_gates
             if not full:
                 continue
             totals['entropy_sum'] = totals['entropy_sum'] + router_entropy(routing.logits).sum()
             totals['variance_sum'] = totals['variance_sum'] + routing_variance(routing.logits).sum()
             totals['n_tokens'] += n_tokens
+            # real experts that ran for each token: its kept pairs (not its empty slots, not its dropped pairs)
+            per_token = routing.experts_per_token(n_tokens)
+            totals['experts_sum'] = totals.get('experts_sum', 0) + per_token.sum()
+            totals['experts_square_sum'] = totals.get('experts_square_sum', 0) + per_token.square().sum()
+            histogram = torch.zeros(n_exp + 1, dtype=torch.long, device=per_token.device)  # tokens with 0..E experts
+            histogram.index_add_(0, per_token.clamp(max=n_exp), torch.ones_like(per_token))
+            totals['experts_histogram'] = totals.get('experts_histogram', 0) + histogram
+            if routing.cap_bound is not None:
+                totals['cap_bound_sum'] = totals.get('cap_bound_sum', 0) + routing.cap_bound.sum()
             if routing.gate_weight is not None:
                 totals['coactivation_sum'] = totals.get('coactivation_sum', 0.0) + n_tokens * kept_pair_coactivation(
                     routing, gatepro_partners(routing.gate_weight), n_tokens)
@@ -191,10 +206,21 @@ class RoutingStats:
                 table = torch.zeros(n_exp * n_labels, dtype=torch.long, device=cell.device).index_add_(
                     0, cell, picked.long()).view(n_exp, n_labels)
                 totals['label_counts'] = totals.get('label_counts', 0) + table
+                # which kind of text gets more experts: experts per token, summed by label
+                by_label = lambda values: torch.zeros(n_labels, dtype=torch.long, device=cell.device).index_add_(
+                    0, labels.reshape(-1), values)
+                totals['label_experts'] = totals.get('label_experts', 0) + by_label(per_token)
+                totals['label_tokens'] = totals.get('label_tokens', 0) + by_label(torch.ones_like(per_token))
 
     def load_counts(self):
         """{layer: [E] assignment counts} summed over the passes added so far."""
         return {layer: totals['counts'] for layer, totals in self.layers.items()}
+
+    def router_counts(self):
+        """{layer: [E]} what each layer's router learns from after the step (step_finished):
+        its kept assignments (load_counts), or, for a router that counts its positive gates
+        (ReMoE's active_gates), those: a cap that cuts some of them must not hide them."""
+        return {layer: totals.get('active_gates', totals['counts']) for layer, totals in self.layers.items()}
 
     def set_load_counts(self, load_counts):
         """Replace the counts by those of the whole global batch (all-reduced under DDP)."""
@@ -226,7 +252,8 @@ class RoutingStats:
 
     def summary(self, tables=False):
         """One dict per layer, in layer order, with Python numbers (for logs and JSON).
-        tables=True adds the E x E gate similarity matrix and the expert x label counts."""
+        tables=True adds the E x E gate similarity matrix, the expert x label counts and the
+        histogram of experts per token."""
         if not self.on_host:
             return self.to_host()[0].summary(tables)
         rows = []
@@ -237,6 +264,15 @@ class RoutingStats:
             if totals['n_tokens'] > 0:
                 row['router_entropy'] = float(totals['entropy_sum']) / totals['n_tokens']
                 row['routing_variance'] = float(totals['variance_sum']) / totals['n_tokens']
+                mean = float(totals['experts_sum']) / totals['n_tokens']
+                row['experts_per_token'] = mean
+                # population std over the tokens, from the sums (clamped: round-off below 0 is 0)
+                row['experts_per_token_std'] = max(float(totals['experts_square_sum']) / totals['n_tokens'] - mean ** 2,
+                                                   0.0) ** 0.5
+                if tables:
+                    row['experts_per_token_histogram'] = totals['experts_histogram'].tolist()
+                if 'cap_bound_sum' in totals:
+                    row['cap_bound_frac'] = float(totals['cap_bound_sum']) / totals['n_tokens']
             if totals.get('overlap_tokens', 0) > 0:
                 row['expert_overlap'] = float(totals['overlap_sum']) / float(totals['overlap_tokens'])
             if 'gate_weight' in totals:
@@ -251,7 +287,11 @@ class RoutingStats:
                 row['specialization'] = normalized_mutual_information(totals['label_counts'])
                 if tables:
                     row['expert_label_counts'] = totals['label_counts'].tolist()
-            row['dropped_frac'] = 1.0 - float(totals['n_pairs']) / max(totals['n_requested'], 1)
+                # None for a label with no token in these batches
+                by_label = zip(totals['label_experts'].tolist(), totals['label_tokens'].tolist())
+                row['experts_per_token_by_label'] = [experts / tokens if tokens else None
+                                                     for experts, tokens in by_label]
+            row['dropped_frac'] = 1.0 - float(totals['n_pairs']) / max(float(totals['n_requested']), 1.0)
             rows.append(row)
         return rows
 
@@ -270,9 +310,10 @@ def read_back(tensors):
 
 def format_routing_table(rows):
     """A compact per-layer table for the console."""
-    lines = ['layer | load min   max | zero-token | max_vio | entropy | dropped']
+    lines = ['layer | load min   max | zero-token | max_vio | entropy | dropped | experts/token']
     for row in rows:
         lines.append(f"{row['layer']:5d} | {min(row['load']):8.3f} {max(row['load']):5.3f} | "
                      f"{row['zero_token_experts']:10d} | {row['max_vio']:7.3f} | "
-                     f"{row.get('router_entropy', float('nan')):7.3f} | {row['dropped_frac']:7.3f}")
+                     f"{row.get('router_entropy', float('nan')):7.3f} | {row['dropped_frac']:7.3f} | "
+                     f"{row.get('experts_per_token', float('nan')):13.2f}")
     return '\n'.join(lines)

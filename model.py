@@ -125,7 +125,8 @@ class MoE(nn.Module):
         routing = self.router(h, None if token_ids is None else token_ids.reshape(-1), seq_len=T)
 
         # dispatch: sort the pairs by expert so each expert reads one contiguous block; pairs
-        # dropped by capacity sort last, past every group, and no expert runs on them
+        # dropped by capacity, and empty slots (kept False too: routers.Routing), sort last,
+        # past every group, and no expert runs on them
         expert_key = routing.expert_idx if routing.kept is None else routing.expert_idx.masked_fill(~routing.kept, self.n_exp)
         order = torch.argsort(expert_key, stable=True)
         token_sorted = routing.token_idx[order]
@@ -249,20 +250,32 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def get_num_active_params(self, non_embedding=True):
+    def get_num_active_params(self, non_embedding=True, experts_per_token=None):
         """Parameters a token actually uses: each MoE layer's experts count for
-        experts_per_token/E of their size (k/E for token choice)."""
+        experts_per_token/E of their size. experts_per_token: None = what the model is sized
+        for (the config's: top_k for token choice, so at top_k for topp, remoe and null
+        experts too); a number for every MoE layer, or {layer: number}, e.g. the mean number
+        of experts that ran per token in a step (metrics' experts_per_token)."""
         n_params = self.get_num_params(non_embedding)
-        for _, moe in self.moe_layers():
+        for layer, moe in self.moe_layers():
+            if experts_per_token is None:
+                k = self.config.experts_per_token
+            else:
+                k = experts_per_token[layer] if isinstance(experts_per_token, dict) else experts_per_token
             expert_params = sum(p.numel() for p in moe.experts.parameters())
-            n_params -= expert_params * (1 - self.config.experts_per_token / moe.n_exp)
+            n_params -= expert_params * (1 - k / moe.n_exp)
         return int(n_params)
 
     def step_finished(self, iter_num, load_counts):
         """After the optimizer step of iteration iter_num: tell every router, with its layer's
-        assignment counts over the global batch (load_counts: {layer: [E]})."""
-        for layer, moe in self.moe_layers():
-            moe.router.step_finished(iter_num, load_counts[layer])
+        assignment counts over the global batch (load_counts: {layer: [E]}). A router that
+        sees every layer (ReMoE, whose sparsity target is the whole model's) gets the mean of
+        the MoE layers' counts instead, the same in every layer."""
+        layers = self.moe_layers()
+        if any(moe.router.sees_every_layer for _, moe in layers):
+            mean_counts = torch.stack([load_counts[layer].float() for layer, _ in layers]).mean(dim=0)
+        for layer, moe in layers:
+            moe.router.step_finished(iter_num, mean_counts if moe.router.sees_every_layer else load_counts[layer])
 
     def forward(self, idx, targets=None, keep_expert_out=False):
         """Returns (logits, lm_loss, router_losses, routings):
@@ -313,12 +326,15 @@ class GPT(nn.Module):
                 pass  # this torch has no fused AdamW for this device
         return torch.optim.AdamW(optim_groups, lr=learning_rate, betas=betas)
 
-    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12, experts_per_token=None):
         """Model FLOPs utilisation against peak_flops (default: A100 bf16, 312 TFLOPS; train.py
         passes the GPU's own, system.peak_flops).
         PaLM appendix B: 6*N flops per token for the weights plus 12*L*H*Q*T for attention,
-        with N the ACTIVE parameters: an MoE token only touches its k experts."""
-        N = self.get_num_active_params()
+        with N the ACTIVE parameters: an MoE token only touches the experts that ran for it.
+        experts_per_token (as in get_num_active_params): train.py passes each layer's mean
+        over the step, so a token that took 1 expert or 5 (topp, remoe, null experts), or
+        lost one to capacity, counts what it computed; None counts top_k."""
+        N = self.get_num_active_params(experts_per_token=experts_per_token)
         cfg = self.config
         L, H, Q, T = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head, cfg.block_size
         flops_per_token = 6 * N + 12 * L * H * Q * T
@@ -326,19 +342,25 @@ class GPT(nn.Module):
         return flops_per_iter / dt / peak_flops
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_tokens=None, return_experts=False):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_tokens=None, return_experts=False,
+                 return_expert_counts=False):
         """Sample max_new_tokens tokens after idx [B, T], each among the top_tokens most likely
         ones (None = all; 1 = greedy, the most likely). With return_experts=True also
         return, for each generated position, the top-1 expert of every MoE layer that
         processed the token that was fed in at that step: a list of {layer: [B] experts}
-        (the expert with the largest gate weight; -1 if the token got none)."""
-        experts = []
+        (the expert with the largest gate weight; -1 if the token got none). With
+        return_expert_counts=True also (after those) the number of experts that ran for
+        that token in every MoE layer, in the same form: it varies under topp, remoe and
+        null experts. Returns idx alone when neither is asked for, else a tuple."""
+        experts, counts = [], []
         for _ in range(max_new_tokens):
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
             logits, _, _, routings = self(idx_cond)
+            B, T = idx_cond.shape
             if return_experts:
-                B, T = idx_cond.shape
                 experts.append({layer: r.top_expert(B * T).view(B, T)[:, -1] for layer, r in routings.items()})
+            if return_expert_counts:
+                counts.append({layer: r.experts_per_token(B * T).view(B, T)[:, -1] for layer, r in routings.items()})
             logits = logits[:, -1, :] / temperature
             if top_tokens == 1:  # greedy: no sampling (and no error from a model whose logits are NaN)
                 idx_next = logits.argmax(dim=-1, keepdim=True)
@@ -348,7 +370,8 @@ class GPT(nn.Module):
                     logits[logits < v[:, [-1]]] = -float('Inf')
                 idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
             idx = torch.cat((idx, idx_next), dim=1)
-        return (idx, experts) if return_experts else idx
+        asked = ([experts] if return_experts else []) + ([counts] if return_expert_counts else [])
+        return (idx, *asked) if asked else idx
 
 
 # -----------------------------------------------------------------------------

@@ -9,13 +9,17 @@ Into each OUT_DIR, one PNG per picture of that run:
                          layer against ln E (no preference between the experts); the smallest
                          and largest expert load per layer against 1/E (perfect balance); the
                          specialization score per layer; the dropped share per layer when the
-                         run drops assignments past a capacity
+                         run drops assignments past a capacity; the experts per token per layer
+                         (mean, and a band of one standard deviation over the tokens) when the
+                         number a token takes varies (topp, remoe, null experts)
     zero_token.png       experts that got no token in a training step, vs iteration, one line per layer
     load.png             expert load over training: a panel per layer, iteration on x, expert on y,
                          one colour scale for all layers (white: 1/E, red above, blue below)
     specialization.png   expert x domain at the last eval: the share of each domain's tokens whose
                          top-1 expert each expert is, one 0-to-1 colour scale (needs expert_label_counts)
     gate_similarity.png  cosine similarity of the gate rows at the last eval (needs gate_similarity)
+    experts_by_domain.png  mean experts per token of each domain's tokens at the last eval, a bar
+                         per domain, a panel per layer (needs experts_per_token_by_label)
     val_metrics.png      router metrics at every eval (load imbalance, entropy, gate similarity, ...),
                          a line per layer; a metric that is 0 at every eval is named, not drawn
 and one overlaid picture of all runs given:
@@ -23,9 +27,11 @@ and one overlaid picture of all runs given:
     curves.png           the runs grouped by router (their seeds): mean and spread over the
                          seeds of val loss, zero-token experts, max_vio, the dropped share,
                          pair co-activation, gate cosine similarity and expert overlap, vs
-                         iteration; a panel that no run logs, or that is 0 in every run (pair
-                         co-activation and expert overlap under top-1, the dropped share
-                         without a capacity), is named at the bottom instead of drawn
+                         iteration, and the experts per token when some run's varies (topp,
+                         remoe, null experts); a panel that no run logs, or that is 0 in
+                         every run (pair co-activation and expert overlap under top-1, the
+                         dropped share without a capacity), is named at the bottom instead
+                         of drawn
     zero_token_layers.png  the same grouping: zero-token experts per training step, a panel
                          per MoE layer on one y scale (not drawn when no run has MoE layers)
 into --out=DIR, by default the runs' common parent folder (the run itself when only one
@@ -162,6 +168,7 @@ WORDS = {
     'zero_token_experts_per_batch': 'experts with no token in an eval batch',
     'dropped_frac': 'dropped share',
     'gate_similarity': "cosine similarity of the gate rows",
+    'experts_per_token': 'experts per token',
 }
 AXIS = {
     'load': 'share of the assignments',
@@ -176,6 +183,7 @@ AXIS = {
     'zero_token_experts': 'experts',
     'zero_token_experts_per_batch': 'experts (mean over batches)',
     'dropped_frac': 'share of the assignments dropped',
+    'experts_per_token': 'experts that ran (mean over tokens)',
 }
 
 
@@ -215,6 +223,24 @@ def expert_count(lines):
     """E, the experts per MoE layer, from the longest logged load; 0 when none is logged."""
     return max((len(entry['load']) for line in lines for entry in line.get('layers') or []
                 if isinstance(entry, dict) and isinstance(entry.get('load'), list)), default=0)
+
+
+def experts_vary(lines):
+    """True when the number of experts a token asks for changes from one logged step to the
+    next: a router that gives a token as many experts as it needs (topp, remoe), or null
+    experts. A fixed-k router's experts_per_token moves only by what its capacity drops, so
+    that is divided back out: experts_per_token / (1 - dropped_frac) is top_k (expert
+    choice: its capacity factor) at every step. Each split on its own: an eval has its own
+    capacity."""
+    for split in ('train', 'val'):
+        routed = by_iter(lines, split)
+        for layer in layer_ids(routed):
+            asked = [entry['experts_per_token'] / (1 - entry['dropped_frac']) for line in routed
+                     if (entry := layer_entry(line, layer)) and is_number(entry.get('experts_per_token'))
+                     and is_number(entry.get('dropped_frac')) and entry['dropped_frac'] < 1]
+            if asked and max(asked) - min(asked) > 1e-6 * max(asked):
+                return True
+    return False
 
 
 def layer_colour(plt, i):
@@ -327,11 +353,33 @@ def overview_load(plt, ax, routed, layers, n_exp, where):
     ax.legend(handles=key, fontsize='small', ncol=3, loc='upper center')
 
 
+def overview_experts_per_token(plt, ax, train, layers):
+    """Per layer, the mean number of experts that ran per token at each logged training step,
+    and a band of one standard deviation over the tokens around it."""
+    for i, layer in enumerate(layers):
+        points = [(line['iter'], entry['experts_per_token'], entry.get('experts_per_token_std'))
+                  for line in train if (entry := layer_entry(line, layer)) and is_number(entry.get('experts_per_token'))]
+        if not points:
+            continue
+        iters, means, stds = zip(*points)
+        colour = layer_colour(plt, i)
+        ax.plot(iters, means, color=colour, marker='.', label=f"layer {layer}")
+        if all(is_number(std) for std in stds):
+            ax.fill_between(iters, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                            color=colour, alpha=0.15)
+    panel_title(ax, 'experts per token at each logged training step (band: one std over the tokens)',
+                'experts_per_token')
+    ax.set_ylabel(AXIS['experts_per_token'])
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize='small')
+
+
 def plot_overview(plt, lines, label, out_dir):
     """A run at a glance: the loss; the router's entropy per layer against ln E (a router
     that cannot tell the experts apart); the smallest and largest expert load per layer
-    against 1/E (perfect balance); the specialization score per layer when logged; and the
-    dropped share per layer when the run drops anything. The routing panels read the eval
+    against 1/E (perfect balance); the specialization score per layer when logged; the
+    dropped share per layer when the run drops anything; and the experts per token per
+    layer when that number varies (experts_vary). The routing panels read the eval
     lines, the numbers of train.py's routing table (the training steps when no eval logs them)."""
     train, val = by_iter(lines, 'train'), by_iter(lines, 'val')
     routed, where = (val, 'at each eval') if layer_ids(val) else (train, 'at each logged training step')
@@ -344,7 +392,8 @@ def plot_overview(plt, lines, label, out_dir):
     drops = {layer: layer_points(train, layer, 'dropped_frac') for layer in layers}
     has_specialization = any(specialization.values())
     has_drops = not all_zero(v for points in drops.values() for _, v in points)
-    fig, axes = panel_grid(plt, 3 + has_specialization + has_drops, width=5.5, height=3.6, max_cols=2)
+    has_experts = experts_vary(lines)
+    fig, axes = panel_grid(plt, 3 + has_specialization + has_drops + has_experts, width=5.5, height=3.6, max_cols=2)
     ax_loss, ax_entropy, ax_load, *more = axes
     overview_loss(ax_loss, train, val)
     overview_entropy(plt, ax_entropy, routed, layers, n_exp, where)
@@ -363,6 +412,8 @@ def plot_overview(plt, lines, label, out_dir):
         ax.set_ylabel(AXIS['dropped_frac'])
         ax.set_ylim(bottom=0)
         ax.legend(fontsize='small')
+    if has_experts:
+        overview_experts_per_token(plt, more.pop(0), train, layers)
     for ax in axes:
         ax.set_xlabel('iteration')
     fig.suptitle(f"{label}: loss, router entropy and expert load over training")
@@ -506,6 +557,46 @@ def plot_gate_similarity(plt, lines, label, out_dir):
     return save(plt, fig, os.path.join(out_dir, 'gate_similarity.png'))
 
 
+def plot_experts_by_domain(plt, lines, label, out_dir):
+    """Which kind of text takes more experts: the mean number of experts that ran per token
+    for each domain's tokens (or character class), a bar per domain, a panel per layer, at
+    the last eval, on one y scale; a dashed line at the mean over all tokens. A domain with
+    no token in the eval batches has no bar."""
+    val = by_iter(lines, 'val')
+    if not val:
+        return None
+    last = val[-1]
+    bars = [(entry.get('layer'), entry) for entry in last.get('layers') or [] if isinstance(entry, dict)
+            and isinstance(entry.get('experts_per_token_by_label'), list) and entry['experts_per_token_by_label']
+            and any(is_number(v) for v in entry['experts_per_token_by_label'])]
+    if not bars:
+        return None
+    top = max(v for _, entry in bars for v in entry['experts_per_token_by_label'] if is_number(v))
+    fig, axes = panel_grid(plt, len(bars), width=4.5, height=3.6)
+    layers = layer_ids([last])
+    for ax, (layer, entry) in zip(axes, bars):
+        values = entry['experts_per_token_by_label']
+        names = last.get('label_names')
+        if not isinstance(names, list) or len(names) != len(values):
+            names = [str(i) for i in range(len(values))]
+        colour = layer_colour(plt, layers.index(layer) if layer in layers else 0)
+        ax.bar(range(len(values)), [v if is_number(v) else 0.0 for v in values], color=colour)
+        for x, v in enumerate(values):
+            if not is_number(v):
+                ax.text(x, 0, 'no token', rotation=90, ha='center', va='bottom', fontsize='small', color='dimgrey')
+        if is_number(entry.get('experts_per_token')):
+            ax.axhline(entry['experts_per_token'], color='black', linestyle='--', linewidth=1,
+                       label=f"all tokens: {entry['experts_per_token']:.2f}")
+            ax.legend(fontsize='small', loc='lower right')
+        ax.set_xticks(range(len(values)), names, rotation=45, ha='right', fontsize='small')
+        ax.set_ylim(0, top * 1.15)  # one scale for every layer
+        ax.set_ylabel(AXIS['experts_per_token'], fontsize='small')
+        panel_title(ax, f"layer {layer}")
+    fig.suptitle(f"{label}: experts per token of each domain's tokens at iteration {last['iter']} "
+                 f"(experts_per_token_by_label)")
+    return save(plt, fig, os.path.join(out_dir, 'experts_by_domain.png'))
+
+
 # per-layer numbers of the val lines worth following over training; those a run does not
 # log, or logs as 0 at every eval, are left out (named at the bottom of the picture)
 VAL_METRICS = ['max_vio', 'router_entropy', 'gate_cos_sim', 'pair_coactivation', 'gate_angle',
@@ -621,6 +712,7 @@ CURVES = [
     ('train', 'zero_token_experts'),
     ('val', 'max_vio'),
     ('train', 'dropped_frac'),
+    ('train', 'experts_per_token'),  # drawn only when some run's varies (experts_vary)
     ('val', 'pair_coactivation'),
     ('val', 'gate_cos_sim'),
     ('val', 'expert_overlap'),
@@ -637,9 +729,13 @@ def curve_words(split, key):
 
 def curve_panels(runs):
     """The CURVES entries with something to draw: some run logs the key as a number other
-    than 0. Returns (panels, [(title, why) left out])."""
+    than 0; the experts per token when some run's varies (every MoE run logs it: a fixed
+    top_k would fill a panel with flat lines, left out without a word). Returns (panels,
+    [(title, why) left out])."""
     panels, left_out = [], []
     for split, key in CURVES:
+        if key == 'experts_per_token' and not any(experts_vary(lines) for _, _, lines in runs):
+            continue
         values = [v for _, _, lines in runs for v in layer_series(lines, split, key).values()]
         if values and not all_zero(values):
             panels.append((split, key))
@@ -695,6 +791,7 @@ PICTURES = [
     ('load.png', plot_load, 'MoE layers on the train lines'),
     ('specialization.png', plot_specialization, "expert_label_counts on the last val line"),
     ('gate_similarity.png', plot_gate_similarity, "gate_similarity on the last val line"),
+    ('experts_by_domain.png', plot_experts_by_domain, "experts_per_token_by_label on the last val line"),
     ('val_metrics.png', plot_val_metrics, 'per-layer router metrics on the val lines'),
 ]
 

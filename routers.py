@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -35,18 +36,39 @@ class Routing:
     logits: torch.Tensor      # [N, E] fp32 raw router scores, detached, for metrics
     losses: dict = field(default_factory=dict)  # name -> scalar, already scaled by its coefficient
     gate_weight: Optional[torch.Tensor] = None  # [E, d] the gate W_g, detached (GatePro's metrics); None = no gate
-    kept: Optional[torch.Tensor] = None  # [P] bool: False for a pair dropped by capacity; None = none can be
+    kept: Optional[torch.Tensor] = None  # [P] bool: False for a pair dropped by capacity (or an empty slot);
+                                         # None = none can be
     expert_out: Optional[torch.Tensor] = None  # [P, d] raw output of each pair's expert, detached: the MoE
                                                # layer adds it to a copy of the Routing when asked (metrics)
+    used: Optional[torch.Tensor] = None  # [P] bool: False for an empty slot (below); None = every slot is used
+    cap_bound: Optional[torch.Tensor] = None  # [N] bool: tokens that wanted more experts than the router's
+                                              # cap max_k allows; None = the router has no such cap
+    active_gates: Optional[torch.Tensor] = None  # [E] long: tokens whose gate for each expert is > 0, whether
+                                                 # the cap let the expert run or not (ReMoE's sparsity); None = n/a
     # A dropped pair stays in the tensors, with weight 0 and kept False: P is what the router
     # asked for, whatever the capacity drops, so no shape depends on the routing (selecting
     # the kept pairs would read their number back from the GPU, and recompile under
     # torch.compile whenever it changed). The MoE layer runs no expert for it.
+    # Routers that give a token as many experts as it needs (topp, remoe, null experts) keep
+    # the same fixed shapes: every token gets a fixed number of slots (max_k, or top_k), and
+    # a slot the router leaves empty (past top-p's cut, a ReLU gate <= 0, a null expert's)
+    # has used False, kept False and weight 0. No expert runs for it, and no metric counts it:
+    # it is neither an expert's load nor an assignment dropped by capacity.
+
+    def __post_init__(self):
+        if self.used is not None and self.kept is None:
+            self.kept = self.used  # an empty slot is never kept
+
+    @property
+    def n_slots(self):
+        """Pairs in the tensors: P."""
+        return self.token_idx.numel()
 
     @property
     def n_requested(self):
-        """Assignments the router asked for, before capacity dropping: P."""
-        return self.token_idx.numel()
+        """Assignments the router asked for, before capacity dropping: P, or a 0-d tensor
+        when some slots may be empty (used)."""
+        return self.n_slots if self.used is None else self.used.sum()
 
     @property
     def n_pairs(self):
@@ -57,6 +79,10 @@ class Routing:
     def load(self):
         """[E] long: kept assignments per expert."""
         return expert_counts(self.expert_idx, self.logits.size(-1), self.kept)
+
+    def experts_per_token(self, n_tokens):
+        """[n_tokens] long: how many experts ran for each token (its kept pairs)."""
+        return expert_counts(self.token_idx, n_tokens, self.kept)
 
     def top_expert(self, n_tokens):
         """[n_tokens] long: the expert with the largest gate weight for each token, -1
@@ -119,6 +145,23 @@ class RouterConfig:
     aux_free_scale: float = 1.0  # gate weights multiplier (DeepSeek-V3's released config: 2.5)
     # hash layers (Roller et al. 2021)
     hash_seed: int = 0  # seed of the fixed random token-id -> expert map
+    # routers that give a token as many experts as it needs (topp, remoe): every token gets
+    # max_k slots, whatever it uses (fixed shapes: memory and GPU compute O(N * max_k * d))
+    max_k: Optional[int] = None  # the most experts one token may take; None = min(n_exp, 2 * top_k), this
+                                 # project's cap (the papers have none: --max_k=n_exp)
+    # dynamic top-p routing (Huang et al. 2024, arXiv 2403.07652)
+    top_p: float = 0.4  # p: the fewest experts whose probabilities sum to >= p (the authors' released config)
+    dynamic_loss_coef: Optional[float] = None  # beta of the dynamic loss (routing entropy); None = the router's
+                                               # default (topp: 1e-4, not read from the paper: TopPRouter)
+    # ReMoE (Wang et al. 2025, arXiv 2412.14711): lambda_{i+1} = lambda_i * alpha^sign(target - sparsity)
+    remoe_l1_init: float = 1e-8  # lambda_0 of the L1 penalty on the ReLU gates (a copy of the authors' code)
+    remoe_l1_multiplier: float = 1.2  # alpha (the same copy; neither read from the paper: ReMoERouter)
+    remoe_balanced_l1: bool = True  # the load-balanced L1 (the paper's default), False = plain L1
+    # null experts for the top-k softmax routers (MoE++'s zero experts, arXiv 2410.07348):
+    # the router scores n_exp + n_null_exp experts; a slot given to a null one runs nothing
+    n_null_exp: int = 0
+    null_balance_weight: float = 0.75  # tau: a null expert's weight in MoE++'s balance loss (1 = a real expert's);
+                                       # not read from the paper (TopKRouter's docstring)
 
     def __post_init__(self):
         # every problem here is a user's setting: say which, and what would work
@@ -126,6 +169,7 @@ class RouterConfig:
             raise ValueError(f"unknown router {self.router!r}; available: {', '.join(sorted(ROUTERS))}")
         if self.gatepro_penalty_on not in ('logits', 'probs'):
             raise ValueError(f"gatepro_penalty_on={self.gatepro_penalty_on!r} must be 'logits' or 'probs'")
+        self.check_variable_k_settings()
         if self.n_exp <= 1:
             return  # a dense model: no router is built
         router_class = ROUTERS[self.router]
@@ -139,11 +183,12 @@ class RouterConfig:
         for name, value in router_class.defaults.items():
             if getattr(self, name) is None and name not in targeted:
                 setattr(self, name, value)
-        for name in ('aux_loss_coef', 'z_loss_coef', 'var_loss_coef', 'ortho_loss_coef'):
+        for name in ('aux_loss_coef', 'z_loss_coef', 'var_loss_coef', 'ortho_loss_coef', 'dynamic_loss_coef'):
             if getattr(self, name) is None and name not in targeted:
                 setattr(self, name, 0.0)
         if self.top_k is not None and not 1 <= self.top_k <= self.n_exp:
             raise ValueError(f"top_k={self.top_k} must be between 1 and n_exp={self.n_exp}")
+        self.check_variable_k(router_class)
         for name in ('capacity_factor', 'eval_capacity_factor'):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -156,6 +201,46 @@ class RouterConfig:
             top_k_routers = ', '.join(name for name, cls in ROUTERS.items() if issubclass(cls, TopKRouter))
             raise ValueError(f"aux_loss_per_sequence=True: router {self.router!r} has no Switch balance loss "
                              f"to take per sequence; use one of {top_k_routers}")
+
+    def check_variable_k_settings(self):
+        """The settings of topp, remoe and null experts that are wrong whatever the router."""
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} is outside (0, 1]; give the probability mass a token's experts "
+                             f"must reach, e.g. --top_p=0.4")
+        if self.remoe_l1_init <= 0 or self.remoe_l1_multiplier < 1:
+            raise ValueError(f"remoe_l1_init={self.remoe_l1_init}, remoe_l1_multiplier={self.remoe_l1_multiplier}: "
+                             f"lambda_0 must be > 0 and alpha >= 1; the defaults are --remoe_l1_init=1e-8 "
+                             f"--remoe_l1_multiplier=1.2")
+        if self.n_null_exp < 0 or self.null_balance_weight < 0:
+            raise ValueError(f"n_null_exp={self.n_null_exp}, null_balance_weight={self.null_balance_weight}: "
+                             f"both must be >= 0; e.g. --n_null_exp=0 (no null experts)")
+
+    def check_variable_k(self, router_class):
+        """max_k, the dynamic loss and null experts, against the router that would use them."""
+        if not router_class.variable_k:
+            if self.max_k is not None:
+                raise ValueError(f"max_k={self.max_k}: router {self.router!r} gives every token a fixed number of "
+                                 f"experts; drop --max_k (or use --router=topp or --router=remoe)")
+        else:
+            if self.max_k is None:
+                # twice the experts a token takes on average: room to vary, at twice top-k's compute
+                # and memory instead of E / top_k times (the papers' uncapped routing: --max_k=n_exp)
+                self.max_k = min(self.n_exp, 2 * self.top_k)
+            if not self.top_k <= self.max_k <= self.n_exp:
+                raise ValueError(f"max_k={self.max_k} must be between top_k={self.top_k} and n_exp={self.n_exp} "
+                                 f"(router {self.router!r} aims at top_k experts per token on average); "
+                                 f"drop --max_k for min(n_exp, 2 * top_k), or --max_k={self.n_exp} for no cap")
+        if self.dynamic_loss_coef and 'dynamic_loss_coef' not in router_class.loss_settings:
+            raise ValueError(f"dynamic_loss_coef={self.dynamic_loss_coef}: only router 'topp' trains with the dynamic "
+                             f"loss; drop --dynamic_loss_coef (or use --router=topp)")
+        if self.n_null_exp > 0:
+            top_k_routers = ', '.join(name for name, cls in ROUTERS.items() if issubclass(cls, TopKRouter))
+            if not issubclass(router_class, TopKRouter):
+                raise ValueError(f"n_null_exp={self.n_null_exp}: null experts are for the top-k softmax routers "
+                                 f"({top_k_routers}), not {self.router!r}; use one of them or --n_null_exp=0")
+            if self.aux_loss_per_sequence:
+                raise ValueError(f"n_null_exp={self.n_null_exp} with aux_loss_per_sequence=True: the per-sequence "
+                                 f"loss has no weight for null experts; use aux_loss_per_sequence=False")
 
     def check_loss_targets(self, router_class):
         """The coefficients that a target will set (left None here, the router calibrates them):
@@ -185,6 +270,8 @@ class RouterConfig:
         problem = None
         if not router_class.exactly_top_k:
             problem = f"router {self.router!r} does not give every token exactly top_k experts"
+        elif self.n_null_exp > 0:
+            problem = f"n_null_exp={self.n_null_exp}: a slot given to a null expert leaves its token fewer outputs"
         elif self.top_k < 2:
             problem = f"top_k={self.top_k}: a token with one expert has no pair (router {self.router!r})"
         elif self.capacity_factor is not None or self.eval_capacity_factor is not None:
@@ -206,16 +293,16 @@ class RouterConfig:
 
     @property
     def experts_per_token(self):
-        """How many experts a token uses, on average: top_k, or expert choice's capacity
+        """How many experts a token uses, on average: top_k (for topp and remoe the number
+        they are compared at; with null experts, at most), or expert choice's capacity
         factor. The model sizes its experts and counts active parameters with it."""
-        return self.top_k if ROUTERS[self.router].exactly_top_k else self.capacity_factor
+        return getattr(self, ROUTERS[self.router].sized_by)
 
     def describe(self):
         """One line for the training log: the router and what it trains with."""
-        if ROUTERS[self.router].exactly_top_k:
-            choice = f"top-{self.top_k}" + (f", capacity factor {self.capacity_factor}" if self.capacity_factor else '')
-        else:
-            choice = f"experts pick tokens, capacity factor {self.capacity_factor}"
+        choice = ROUTERS[self.router].describe_choice(self)
+        if self.n_null_exp:
+            choice += f", {self.n_null_exp} null experts (balance weight {self.null_balance_weight})"
         losses = []
         for name in ROUTERS[self.router].loss_settings:
             target_name = name.replace('_coef', '_target')
@@ -351,6 +438,108 @@ def gatepro_penalize(logits, gate_weight, penalty):
 
 
 # -----------------------------------------------------------------------------
+# As many experts as a token needs: top-p's cut and its losses, ReMoE's L1 penalty and
+# its coefficient, MoE++'s balance loss with null experts
+
+
+def top_p_keep(sorted_probs, top_p):
+    """Dynamic top-p routing (Huang et al. 2024, arXiv 2403.07652, its "top-p routing"):
+    sort a token's expert probabilities from the largest down, and take the fewest experts
+    whose probabilities sum to at least p. Candidate j is kept when the candidates before it sum
+    to less than p, so the first always is.
+
+        keep_tj = sum_{i < j} P_t,(i) < p,   P_t,(1) >= P_t,(2) >= ...
+
+    sorted_probs [N, m]: each token's m largest probabilities, in decreasing order. Returns
+    [N, m] bool. The partial sums are taken as they are (no subtraction), so a prefix that
+    reaches p exactly stops there: .5 + .25 reaches .75 with two experts. The authors'
+    released code keeps experts until the sum EXCEEDS p (strictly), which takes a third
+    expert in that case; the two differ only when a prefix sums to p exactly."""
+    mass_before = F.pad(sorted_probs.cumsum(dim=-1)[:, :-1], (1, 0))  # sum of the candidates before j
+    return mass_before < top_p
+
+
+def dynamic_loss(logits):
+    """The dynamic loss of Huang et al. 2024 (arXiv 2403.07652): the entropy of each
+    token's routing distribution P = softmax(logits) over all E experts, averaged over the
+    N tokens:
+
+        L_d = -(1/N) sum_t sum_i P_ti log P_ti
+
+    Top-p routing would otherwise reach p by spreading P (a uniform P at p = .5 takes half
+    of the experts); minimising the entropy makes the router confident, so few experts do."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    return -(log_probs.exp() * log_probs).sum(dim=-1).mean()
+
+
+def selected_balance_loss(probs, expert_idx, used):
+    """switch_aux_loss for a router that leaves some of its slots empty (topp): f_i is the
+    fraction of the assignments actually made (the used pairs) that went to expert i,
+
+        L_aux = E * sum_i f_i * P_i,   P_i = mean over tokens of probs[:, i] (all E experts)
+
+    probs [N, E]; expert_idx, used [P]. Equals 1 when both are uniform; the gradient flows
+    through P only."""
+    n_exp = probs.size(-1)
+    counts = expert_counts(expert_idx, n_exp, used).to(probs.dtype)
+    f = counts / counts.sum().clamp(min=1)
+    return n_exp * torch.sum(f * probs.mean(dim=0))
+
+
+def null_balance_loss(probs, expert_idx, n_exp, tau):
+    """MoE++'s heterogeneous load balance loss (Jin et al. 2024, arXiv 2410.07348), in the
+    Switch form: the router scores E real and M null experts, and
+
+        L_aux = (E + M) * sum_{i < E + M} eta_i * f_i * P_i,   eta_i = 1 (real), tau (null)
+
+    f_i: fraction of the top-k slots (null ones included) given to expert i, P_i: mean over
+    tokens of softmax over all E + M. tau < 1 penalises a null expert's load less, so more
+    slots go to null experts (where tau's default comes from: TopKRouter's docstring).
+    probs [N, E + M]; expert_idx [P] over all E + M."""
+    n_scored = probs.size(-1)
+    counts = expert_counts(expert_idx, n_scored).to(probs.dtype)
+    f = counts / counts.sum().clamp(min=1)
+    eta = torch.ones(n_scored, dtype=probs.dtype, device=probs.device)
+    eta[n_exp:] = tau
+    return n_scored * torch.sum(eta * f * probs.mean(dim=0))
+
+
+def remoe_l1_loss(gates, top_k, balanced=True):
+    """ReMoE's sparsity penalty on the ReLU gates G = ReLU(W_g h) [N, E] (Wang et al. 2025,
+    arXiv 2412.14711: its adaptive L1 regularisation, and its load-balanced form):
+
+        plain:          L_reg = (1/N) sum_t sum_e G_te                 (the L1 norm of the gates)
+        load-balanced:  L_reg = (1/N) sum_t sum_e f_e G_te,   f_e = E / (k N) * #{t : G_te > 0}
+
+    f_e (counted, no gradient) is expert e's share of the active gates, 1 when every expert
+    is active for k N / E tokens: a busy expert's gates are pushed down harder. It is the
+    Switch loss with the gates in place of the probabilities, as in the ReLU router of the
+    authors' Megatron-LM code (read in a repository built on it). The
+    paper averages over the layers too; here each layer adds its own term (the losses are
+    summed over the MoE layers), a constant factor that the adaptive coefficient absorbs."""
+    if not balanced:
+        return gates.sum(dim=-1).mean()
+    n_tokens, n_exp = gates.shape
+    f = (gates > 0).sum(dim=0).to(gates.dtype) * n_exp / (top_k * n_tokens)
+    return (gates * f).sum(dim=-1).mean()
+
+
+def remoe_coefficient_step(coef, sparsity, target_sparsity, multiplier):
+    """ReMoE's adaptive L1 coefficient (arXiv 2412.14711), one training step:
+
+        lambda_{i+1} = lambda_i * alpha ^ sign(target - S_i),   target = 1 - k / E
+
+    S_i: the fraction of the gates that were 0 at step i. Too few zeros (too many experts
+    run) and lambda grows by alpha; too many and it shrinks; on target it stays."""
+    return coef * multiplier ** torch.sign(target_sparsity - sparsity)
+
+
+def world_size():
+    """Processes training one model together (DDP), 1 without torch.distributed."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# -----------------------------------------------------------------------------
 # Capacity: drop assignments past an expert's capacity (Switch Transformer, sec. 2.2)
 
 
@@ -397,22 +586,38 @@ class Router(nn.Module):
       output_losses(routing, expert_out, order) -> {name: loss}: losses that need the
           experts' outputs, called by the MoE layer after the experts ran
       step_finished(iter_num, load_counts): after each optimizer step, with this layer's
-          assignment counts [E] summed over the global batch (all micro-steps, all ranks)
+          assignment counts [E] summed over the global batch (all micro-steps, all ranks);
+          for a router whose Routing gives active_gates (ReMoE), those counts instead
 
-    Class attributes that RouterConfig reads:
+    Class attributes that RouterConfig and the model read:
       fixed          settings this router cannot do without (switch: top_k=1)
       defaults       settings it fills, when the user left them None, with its paper's values
-      exactly_top_k  every token gets exactly top_k experts (False: expert choice)
+      exactly_top_k  every token gets exactly top_k experts (False: expert choice, topp, remoe)
+      variable_k     a token takes as many experts as it needs, up to max_k (topp, remoe)
+      sized_by       the setting that says how many experts a token uses on average (the
+                     experts are sized with it): 'top_k', or expert choice's 'capacity_factor'
+      sees_every_layer  step_finished gets the mean of every MoE layer's counts, not its
+                     layer's own (ReMoE holds the sparsity of the whole model)
       loss_settings  the coefficients of the losses it can train with (for the log line)
     """
     fixed = {}
     defaults = {}
     exactly_top_k = True
+    variable_k = False
+    sized_by = 'top_k'
+    sees_every_layer = False
     loss_settings = ('aux_loss_coef', 'z_loss_coef', 'var_loss_coef', 'ortho_loss_coef')
+
+    @classmethod
+    def describe_choice(cls, config):
+        """How this router picks, for RouterConfig.describe's log line."""
+        return f"top-{config.top_k}" + (f", capacity factor {config.capacity_factor}" if config.capacity_factor else '')
 
     def __init__(self, config, learned_gate=True):
         super().__init__()
         self.n_exp = config.n_exp
+        self.n_null_exp = config.n_null_exp
+        self.null_balance_weight = config.null_balance_weight
         self.top_k = config.top_k
         self.capacity_factor = config.capacity_factor
         self.eval_capacity_factor = config.eval_capacity_factor
@@ -427,24 +632,33 @@ class Router(nn.Module):
             if target is not None:
                 # the coefficient a target sets (0 = not yet); a buffer, so a resumed run keeps it
                 self.register_buffer(f'{name}_loss_scale', torch.zeros(()))
-        self.gate = nn.Linear(config.n_embd, config.n_exp, bias=False) if learned_gate else None
+        # the gate scores the real experts, then the null ones (none unless n_null_exp > 0)
+        self.gate = nn.Linear(config.n_embd, config.n_exp + config.n_null_exp, bias=False) if learned_gate else None
 
     def gate_logits(self, h):
         # fp32 matmul outside autocast: the router is tiny, its precision matters
         with torch.autocast(device_type=h.device.type, enabled=False):
             return F.linear(h.float(), self.gate.weight.float())
 
-    def standard_losses(self, logits, probs, expert_idx, seq_len=None):
+    def standard_losses(self, logits, probs, expert_idx, seq_len=None, used=None):
         """The losses switched on by coefficient. probs=None: this router balances its load
         another way (expert choice, DeepSeek-V3's bias), so no Switch balance loss.
         aux_loss_per_sequence: the same E * sum_i f_i P_i, but f and P counted within each
         sequence of seq_len tokens and the B results averaged (DeepSeekMoE, arXiv 2401.06066,
         and DeepSeek-V3 eqs. 17-20: sequence_balance_loss below). A batch can be balanced
         while each sequence leans on a few experts; this form asks every sequence to spread.
-        expert_idx must then hold exactly top_k pairs per token, choice-major."""
+        expert_idx must then hold exactly top_k pairs per token, choice-major.
+        With null experts the balance loss is MoE++'s (null_balance_loss: logits, probs and
+        expert_idx over all E + M scored experts); with empty slots (used [P], topp) f counts
+        the assignments made (selected_balance_loss)."""
         losses = {}
         if self.aux_loss_coef > 0 and probs is not None:
-            if self.aux_loss_per_sequence:
+            if self.n_null_exp > 0:
+                losses['aux'] = self.aux_loss_coef * null_balance_loss(probs, expert_idx, self.n_exp,
+                                                                       self.null_balance_weight)
+            elif used is not None:
+                losses['aux'] = self.aux_loss_coef * selected_balance_loss(probs, expert_idx, used)
+            elif self.aux_loss_per_sequence:
                 topk_idx = expert_idx.view(self.top_k, -1).t()  # choice-major pairs -> [N, k]
                 # no seq_len given (a router called on its own): the N tokens are one sequence
                 losses['aux'] = self.aux_loss_coef * sequence_balance_loss(probs, topk_idx, seq_len or probs.size(0))
@@ -505,8 +719,13 @@ class Router(nn.Module):
         if capacity_factor is None:
             return routing
         n_tokens = routing.logits.size(0)
-        keep = capacity_keep_mask(routing.expert_idx, self.n_exp,
-                                  expert_capacity(n_tokens, self.n_exp, self.top_k, capacity_factor))
+        capacity = expert_capacity(n_tokens, self.n_exp, self.top_k, capacity_factor)
+        if routing.used is None:
+            keep = capacity_keep_mask(routing.expert_idx, self.n_exp, capacity)
+        else:
+            # empty slots form a group of their own, past the experts: they take no expert's room
+            expert_idx = routing.expert_idx.masked_fill(~routing.used, self.n_exp)
+            keep = capacity_keep_mask(expert_idx, self.n_exp + 1, capacity) & routing.used
         return replace(routing, weight=torch.where(keep, routing.weight, 0.0), kept=keep)
 
     def output_losses(self, routing, expert_out, order):
@@ -549,6 +768,31 @@ class TopKRouter(Router):
     0.001 (ST-MoE z-loss), OLMoE's two coefficients.
     Subclasses change the logits (gate_logits) or the scores the top-k is taken on
     (choice_logits); the balance loss always sees the plain softmax of the logits.
+
+    Null experts (n_null_exp = M > 0; this class and every subclass): zero-computation
+    experts, MoE++'s "zero expert" E(x) = 0 (Jin et al. 2024, arXiv 2410.07348; LongCat-Flash,
+    arXiv 2509.01322, has zero-computation experts too). The gate scores E + M experts, the
+    softmax and the top-k run over all of them, and a slot that goes to a null expert runs
+    nothing and adds nothing: y = sum over the token's real experts of weight * E_i(x), the
+    weights as without nulls (renormalize divides by the sum over all k slots, null ones
+    included, so a null slot takes its share away). A token uses 0 to k real experts; with
+    all k slots null its MoE output is exactly 0 (the residual alone). Fixed shapes: the k
+    slots stay, a null one as an empty slot (used = kept = False, weight 0; its expert_idx
+    is 0, read nowhere). Balance: MoE++'s heterogeneous balance loss (null_balance_loss)
+    replaces the Switch loss, f and P over all E + M, a null expert's term weighted by
+    tau = null_balance_weight. Not read from the paper: the default tau = 0.75, the value
+    MoE++ settles on in its tau sweep as this project's author remembers it, unconfirmed:
+    the copies of the paper reachable here held only its abstract and introduction, and
+    its released code (SkyworkAI/MoE-plus-plus, inference only) has no loss. The form
+    sum eta_i f_i P_i comes from an independent re-implementation, not from the paper
+    either. LongCat-Flash balances instead with a per-expert bias
+    steered toward a target number of real experts, which is not implemented.
+    The metrics see the real experts only: Routing.logits and gate_weight are their columns
+    and rows, a null choice is no expert's load and no capacity drop; it shows as fewer real
+    experts per token (metrics.RoutingStats' experts_per_token). Capacity counts real
+    assignments only. MoE++'s released code differs from the reading above in one way: it
+    zeroes the zero expert's weight and divides the others by their sum, so a token that
+    sends one of two slots to the zero expert gives its real expert weight 1.
     """
     defaults = {'top_k': 2, 'renormalize': True, 'aux_loss_coef': 0.01, 'z_loss_coef': 0.001}
 
@@ -578,7 +822,14 @@ class TopKRouter(Router):
         topk_idx, topk_weight = self.choose(logits)
         token_idx, expert_idx, weight = flatten_choices(topk_idx, topk_weight)
         losses = self.standard_losses(logits, F.softmax(logits, dim=-1), expert_idx, seq_len)
-        routing = Routing(token_idx, expert_idx, weight, logits.detach(), losses, gate_weight=self.gate.weight.detach())
+        if self.n_null_exp == 0:
+            routing = Routing(token_idx, expert_idx, weight, logits.detach(), losses,
+                              gate_weight=self.gate.weight.detach())
+        else:
+            real = expert_idx < self.n_exp  # a slot given to a null expert stays, empty
+            routing = Routing(token_idx, expert_idx.masked_fill(~real, 0), torch.where(real, weight, 0.0),
+                              logits[:, :self.n_exp].detach(), losses,
+                              gate_weight=self.gate.weight[:self.n_exp].detach(), used=real)
         return self.drop_over_capacity(routing)
 
 
@@ -732,7 +983,7 @@ class NoisyTopKRouter(TopKRouter):
 
     def __init__(self, config):
         super().__init__(config)
-        self.noise = nn.Linear(config.n_embd, config.n_exp, bias=False)
+        self.noise = nn.Linear(config.n_embd, config.n_exp + config.n_null_exp, bias=False)
 
     def gate_logits(self, h):
         logits = super().gate_logits(h)
@@ -762,6 +1013,11 @@ class ExpertChoiceRouter(Router):
     fixed = {'top_k': None, 'aux_loss_coef': 0.0}
     defaults = {'capacity_factor': 2.0, 'z_loss_coef': 0.0}
     exactly_top_k = False
+    sized_by = 'capacity_factor'
+
+    @classmethod
+    def describe_choice(cls, config):
+        return f"experts pick tokens, capacity factor {config.capacity_factor}"
 
     def forward(self, h, token_ids=None, seq_len=None):
         logits = self.gate_logits(h)
@@ -857,6 +1113,176 @@ class HashRouter(Router):
         return self.drop_over_capacity(Routing(token_idx, expert_idx, weight, logits))
 
 
+class TopPRouter(Router):
+    """Dynamic top-p routing (Huang et al. 2024, ACL, arXiv 2403.07652 "Harder Tasks Need
+    More Experts: Dynamic Routing in MoE Models"; the authors' released code,
+    ZhenweiAn/Dynamic_MoE): a token takes the fewest experts, most probable first, whose
+    probabilities reach p, so a confident token takes one expert and an unsure one several.
+
+        P = softmax(W_g h) over all E;  sort P down;  keep the fewest whose sum >= p  (top_p_keep)
+        y = sum over the kept i of P_i * E_i(x)       (the raw P_i: not renormalised)
+
+    The weights are the raw probabilities: the authors' code multiplies each kept expert's
+    output by its softmax probability and divides by nothing (renormalize = False, the
+    default here; True divides by the kept experts' sum). p = top_p, default 0.4: the
+    default of the authors' released configuration class (top_p_threshold=0.4). The
+    summaries of the paper say the set's sum "exceeds" p and the code compares strictly;
+    this router takes ">= p" (top_p_keep): they differ only when a prefix sums to p exactly.
+    Losses (L = L_lm + alpha L_b + beta L_d):
+      L_d, the dynamic loss (dynamic_loss): the entropy of P, beta = dynamic_loss_coef,
+          without it the router learns to spread P and take many experts;
+      L_b, a balance loss: the Switch form with f over the assignments actually made
+          (selected_balance_loss), alpha = aux_loss_coef.
+    Not read from the paper: the defaults alpha = 0.01 and beta = 1e-4, and the exact form
+    of the balance loss. They are this project's choice (beta as its author remembers the
+    paper, unconfirmed): the copies of the paper reachable here (its abstract and summaries
+    of the method) do not give them, and the authors' released code is inference only, with
+    no loss. No z-loss.
+    FIXED SHAPES: each token gets max_k slots, its max_k most probable experts; a slot past
+    the cut is empty (Routing: used = kept = False, weight 0), so memory and GPU compute are
+    O(N * max_k * d) whatever the router picks. Default max_k = min(E, 2 * top_k), this
+    project's choice, not the paper's: twice the average it aims at leaves a token room to
+    take more experts, while compute and memory stay at twice top-k's (uncapped, 64 experts
+    would cost 32 times top-2's). A token that would need more than max_k takes its max_k
+    best, and Routing.cap_bound marks it (the metrics' cap_bound_frac: watch it; a cap that
+    binds often changes the routing). --max_k=E is the authors' code: no cap.
+    top_k (default 2) routes nothing: it is the number of experts the model is sized for
+    and counts as active (the paper compares with top-2) and that capacity assumes.
+    """
+    defaults = {'top_k': 2, 'renormalize': False, 'aux_loss_coef': 0.01, 'z_loss_coef': 0.0, 'dynamic_loss_coef': 1e-4}
+    exactly_top_k = False
+    variable_k = True
+    loss_settings = Router.loss_settings + ('dynamic_loss_coef',)
+
+    @classmethod
+    def describe_choice(cls, config):
+        return (f"top-p {config.top_p}, at most {config.max_k} experts a token, sized for {config.top_k}"
+                + (f", capacity factor {config.capacity_factor}" if config.capacity_factor else ''))
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.top_p = config.top_p
+        self.max_k = config.max_k
+        self.renormalize = config.renormalize
+        self.dynamic_loss_coef = config.dynamic_loss_coef
+
+    def forward(self, h, token_ids=None, seq_len=None):
+        logits = self.gate_logits(h)
+        probs = F.softmax(logits, dim=-1)
+        # the max_k candidates, most probable first: the top-k of the logits (as in TopKRouter:
+        # probabilities that underflow to 0 would tie, and top-k would break ties by index)
+        _, candidate_idx = torch.topk(logits, self.max_k, dim=-1)
+        candidate_prob = probs.gather(1, candidate_idx)
+        picked = top_p_keep(candidate_prob, self.top_p)
+        weight = torch.where(picked, candidate_prob, 0.0)
+        if self.renormalize:
+            weight = weight / weight.sum(dim=-1, keepdim=True).clamp(min=TINY)  # the first candidate is always kept
+        # the cap binds when even the max_k most probable experts do not reach p (never without a cap)
+        cap_bound = candidate_prob.sum(dim=-1) < self.top_p if self.max_k < self.n_exp else \
+            torch.zeros(h.size(0), dtype=torch.bool, device=h.device)
+        token_idx, expert_idx, weight = flatten_choices(candidate_idx, weight)
+        used = picked.t().reshape(-1)  # choice-major, like the pairs
+        losses = self.standard_losses(logits, probs, expert_idx, seq_len, used=used)
+        if self.dynamic_loss_coef > 0:
+            losses['dynamic'] = self.dynamic_loss_coef * dynamic_loss(logits)
+        routing = Routing(token_idx, expert_idx, weight, logits.detach(), losses, gate_weight=self.gate.weight.detach(),
+                          used=used, cap_bound=cap_bound)
+        return self.drop_over_capacity(routing)
+
+
+class ReMoERouter(Router):
+    """ReLU routing (Wang et al. 2025, ICLR, arXiv 2412.14711 "ReMoE: Fully Differentiable
+    Mixture-of-Experts with ReLU Routing"; the authors' code is Megatron-LM based,
+    thu-ml/ReMoE): the gate is a ReLU, every expert whose gate is positive runs, and an L1
+    penalty whose coefficient adapts at each step holds the number that run at top_k of E
+    on average. No top-k, no softmax: the routing is continuous, so the gate learns from
+    every expert's output.
+
+        G = ReLU(W_g h)  [N, E];   y = sum_e G_e * E_e(x)       (no normalisation)
+        L = L_lm + lambda_i * L_reg            (L_reg: remoe_l1_loss, load-balanced by default)
+        after step i: lambda_{i+1} = lambda_i * alpha ^ sign((1 - k/E) - S_i)   (remoe_coefficient_step)
+
+    S_i: the sparsity at step i, the fraction of the gates that were 0. Defaults:
+    lambda_0 = remoe_l1_init = 1e-8 and alpha = remoe_l1_multiplier = 1.2, the argument
+    defaults (--moe-relu-l1-reg-coeff-init, --moe-relu-l1-reg-coeff-multiplier) of a public
+    fork of the authors' Megatron-LM code (neilwen987/ReMoE-ts, whose README is the
+    authors'); not read from the paper, nor from thu-ml/ReMoE itself, which could not be
+    read here. The load-balanced L1 (remoe_balanced_l1 = True: that code's ReLU router
+    always takes it); target k = top_k = 2. Sources: the copies of the paper reachable here
+    held its abstract and introduction only; the update rule and the losses above are as
+    in the ReLU router of that code (which also counts its sparsity over every positive
+    gate) and in summaries of the paper's sections on adaptive L1 regularisation and load
+    balancing.
+    There lambda is ONE coefficient for the whole model (the code shares it among the
+    layers) and S_i the sparsity of all layers together, so some layers may use more
+    experts than others.
+    Here each layer keeps its own lambda buffer, but every layer updates it from the same
+    number, the mean over the MoE layers of their counts (sees_every_layer: GPT.step_finished
+    passes it), so the copies stay equal: one lambda, as in the paper.
+    S_i counts every positive gate of the [N, E] gate tensor (Routing.active_gates, on the
+    device: no sync), whether the cap let its expert run or not: a binding cap must not
+    hide from lambda that the gates are too dense. step_finished gets these counts for the
+    whole global batch (metrics.RoutingStats.router_counts; under DDP summed over the
+    ranks) and divides by the gates computed: the tokens the layer routed in training since
+    the last step, times E, times the number of ranks (each rank routes the same number of
+    tokens); a step whose counts are all 0 (a skipped, non-finite step) changes nothing.
+    lambda is a checkpointed buffer; every DDP rank computes the same value from the same
+    global counts. No Switch balance loss (fixed at 0: the L1 balances) and no z-loss.
+    FIXED SHAPES: each token gets max_k slots, its max_k largest gates; a gate <= 0 leaves
+    its slot empty (used = kept = False, weight 0), so memory and GPU compute are
+    O(N * max_k * d). Default max_k = min(E, 2 * top_k), this project's choice, not the
+    paper's (there every positive gate runs: --max_k=E, at O(N * E * d), 32 times top-2's
+    at 64 experts). A token with more positive gates than max_k keeps its max_k largest
+    (Routing.cap_bound marks it: the metrics' cap_bound_frac). Dropless (capacity_factor
+    fixed at None): a capacity would drop experts the count needs.
+    """
+    fixed = {'aux_loss_coef': 0.0, 'renormalize': False, 'capacity_factor': None, 'eval_capacity_factor': None}
+    defaults = {'top_k': 2, 'z_loss_coef': 0.0}
+    exactly_top_k = False
+    variable_k = True
+    sees_every_layer = True
+    loss_settings = Router.loss_settings + ('remoe_l1_init',)
+
+    @classmethod
+    def describe_choice(cls, config):
+        return (f"ReLU gates, {config.top_k} of {config.n_exp} active on average, at most {config.max_k} a token "
+                f"(L1 coefficient x{config.remoe_l1_multiplier} or /{config.remoe_l1_multiplier} after each step)")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.max_k = config.max_k
+        self.multiplier = config.remoe_l1_multiplier
+        self.balanced = config.remoe_balanced_l1
+        self.register_buffer('l1_coef', torch.tensor(float(config.remoe_l1_init)))  # lambda: checkpointed
+        # tokens routed in training since the last step (all micro-steps): not checkpointed, 0 after each step
+        self.register_buffer('tokens_seen', torch.zeros((), dtype=torch.long), persistent=False)
+
+    def forward(self, h, token_ids=None, seq_len=None):
+        logits = self.gate_logits(h)
+        gates = F.relu(logits)
+        candidate_logit, candidate_idx = torch.topk(logits, self.max_k, dim=-1)  # the max_k largest gates
+        picked = candidate_logit > 0
+        positive = logits.detach() > 0  # [N, E]: every gate that wants its expert, cap or no cap
+        cap_bound = positive.sum(dim=-1) > self.max_k
+        token_idx, expert_idx, weight = flatten_choices(candidate_idx, F.relu(candidate_logit))
+        losses = self.standard_losses(logits, None, expert_idx)
+        losses['l1'] = self.l1_coef * remoe_l1_loss(gates, self.top_k, self.balanced)
+        if self.training:
+            self.tokens_seen += h.size(0)
+        return Routing(token_idx, expert_idx, weight, logits.detach(), losses, gate_weight=self.gate.weight.detach(),
+                       used=picked.t().reshape(-1), cap_bound=cap_bound, active_gates=positive.sum(dim=0))
+
+    @torch.no_grad()
+    def step_finished(self, iter_num, load_counts):
+        # load_counts: the positive gates per expert (Routing.active_gates), mean over the layers
+        active = load_counts.to(self.l1_coef.device, torch.float32).sum()
+        gates = self.tokens_seen.float() * world_size() * self.n_exp      # gates computed, global batch
+        sparsity = 1 - active / gates.clamp(min=1)
+        stepped = remoe_coefficient_step(self.l1_coef, sparsity, 1 - self.top_k / self.n_exp, self.multiplier)
+        self.l1_coef.copy_(torch.where((active > 0) & (gates > 0), stepped, self.l1_coef))
+        self.tokens_seen.zero_()
+
+
 ROUTERS = {
     'topk': TopKRouter,
     'gatepro': GateProRouter,
@@ -866,6 +1292,8 @@ ROUTERS = {
     'expert_choice': ExpertChoiceRouter,
     'aux_free': AuxFreeRouter,
     'hash': HashRouter,
+    'topp': TopPRouter,
+    'remoe': ReMoERouter,
 }
 
 

@@ -14,6 +14,7 @@ from checkpoint import CheckpointError, load_checkpoint, load_model_state
 from configurator import ConfigError, apply_overrides
 from dataset import load_meta
 from model import GPT, GPTConfig
+from routers import ROUTERS
 from system import autocast_context, device_type_of, pick_device, pick_dtype
 
 # -----------------------------------------------------------------------------
@@ -23,7 +24,8 @@ num_samples = 3
 max_new_tokens = 300
 temperature = 0.8  # < 1 sharper, > 1 more random
 top_tokens = 200  # sample among the top_tokens most likely tokens only (nanoGPT's top_k)
-show_experts = False  # print, under each generated token, the top expert of every MoE layer
+show_experts = False  # print, under each generated token, the top expert of every MoE layer (and, for
+                      # topp, remoe and null experts, how many experts it took there)
 seed = 1337
 device = 'auto'  # 'auto' = cuda > mps > cpu
 dtype = 'auto'
@@ -120,31 +122,49 @@ def newline_mark():
         return '~'
 
 
-def show_routing(tokens, experts, width=80):
+def count_char(n):
+    # how many experts a token took, one character: 0-9, then '+'
+    return str(n) if n <= 9 else '+'
+
+
+def show_routing(tokens, experts, counts=None, width=80):
     """Print the text in rows of `width` characters, each followed by one row per MoE layer
-    with the expert that processed the character above it. A newline shows as newline_mark()."""
+    with the expert that processed the character above it and, when counts are given (a
+    router that gives a token as many experts as it needs), a row per layer with how many
+    experts it took there. A newline shows as newline_mark()."""
     layers = sorted(experts[0]) if experts else []
     text = ''.join(t.replace('\n', newline_mark()) for t in tokens)
     rows = {layer: ''.join(expert_char(e[layer]) * len(t) for t, e in zip(tokens, experts)) for layer in layers}
+    count_rows = {layer: ''.join(count_char(c[layer]) * len(t) for t, c in zip(tokens, counts)) for layer in layers} \
+        if counts else {}
     for i in range(0, len(text), width):
         print(text[i:i + width])
         for layer in layers:
             print(rows[layer][i:i + width] + f'   <- layer {layer}')
+            if layer in count_rows:
+                print(count_rows[layer][i:i + width] + f'   <- layer {layer}: experts per token')
         print()
 
 
+# a token takes as many experts as it needs (topp, remoe) or may send slots to null experts:
+# the number it took is worth a row of its own
+varies = gptconf.use_moe and (ROUTERS[gptconf.router].variable_k or gptconf.n_null_exp > 0)
 if show_experts:
     print(f"(a newline shows as {newline_mark()}; under each character, the expert that gave it the largest weight "
-          f"in each layer: 0-9, a-z, A-Z for experts 0 to 61, '+' beyond; '.' = no expert)")
+          f"in each layer: 0-9, a-z, A-Z for experts 0 to 61, '+' beyond; '.' = no expert"
+          + ("; under that, how many experts it took in the layer: 0-9, '+' beyond" if varies else '') + ")")
 with torch.no_grad(), ctx:
     for _ in range(num_samples):
-        y, experts = model.generate(x, max_new_tokens, temperature=temperature, top_tokens=top_tokens, return_experts=True)
+        y, experts, counts = model.generate(x, max_new_tokens, temperature=temperature, top_tokens=top_tokens,
+                                            return_experts=True, return_expert_counts=True)
         if not show_experts:
             print(decode(y[0].tolist()))
         else:
             # experts[i] is the routing of the token fed in at step i (the prompt's last token,
             # then each generated token but the last): so it belongs to token len(prompt)-1+i.
             fed = y[0, len(start_ids) - 1:-1].tolist()
-            print(f"prompt {start!r}; from its last token on, each token with its top expert per MoE layer:")
-            show_routing([decode([t]) for t in fed], [{k: int(v[0]) for k, v in step.items()} for step in experts])
+            print(f"prompt {start!r}; from its last token on, each token with its top expert per MoE layer"
+                  + (" and how many experts it took" if varies else '') + ":")
+            first_row = lambda steps: [{k: int(v[0]) for k, v in step.items()} for step in steps]
+            show_routing([decode([t]) for t in fed], first_row(experts), first_row(counts) if varies else None)
         print('---------------')

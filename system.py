@@ -113,8 +113,8 @@ class DDPSync:
     (ddp=False) every method returns at once and changes nothing.
 
     global_batch(...)      after a step: the logged routing metrics and losses summed over the
-                           ranks on a logging step, else the load counts alone (what the
-                           routers' step_finished learns from: DeepSeek-V3's bias)
+                           ranks on a logging step, else the counts alone (what the routers'
+                           step_finished learns from: DeepSeek-V3's bias, ReMoE's positive gates)
     share_router_state(m)  rank 0's calibrated loss coefficients on every rank, after the
                            first step that sets them (ortho/var loss targets)
     finish(raw_model)      at the end: check that every rank holds the same weights and
@@ -138,9 +138,15 @@ class DDPSync:
             return lm_loss
         load_counts = stats.load_counts()
         if finite and load_counts:
-            all_counts = torch.stack([load_counts[layer] for layer in sorted(load_counts)])
+            layers = sorted(load_counts)
+            # ReMoE's positive gates (what its step_finished reads) travel in the same all_reduce
+            gated = [layer for layer in layers if 'active_gates' in stats.layers[layer]]
+            all_counts = torch.stack([load_counts[layer] for layer in layers]
+                                     + [stats.layers[layer]['active_gates'] for layer in gated])
             dist.all_reduce(all_counts)  # the load of the whole global batch
-            stats.set_load_counts(dict(zip(sorted(load_counts), all_counts)))  # the log's load metrics too
+            stats.set_load_counts(dict(zip(layers, all_counts[:len(layers)])))  # the log's load metrics too
+            for layer, active_gates in zip(gated, all_counts[len(layers):]):
+                stats.layers[layer]['active_gates'] = active_gates
         return lm_loss
 
     def share_router_state(self, raw_model):

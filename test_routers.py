@@ -2,16 +2,18 @@
 the code under test. Every router gets the contract test; each formula its own case."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from checkpoint import load_start_weights
-from metrics import gate_cos_sim, pair_coactivation
+from metrics import RoutingStats, gate_cos_sim, pair_coactivation
 from model import GPT, GPTConfig
-from routers import (ROUTERS, Routing, build_router, capacity_keep_mask, expert_capacity, flatten_choices,
-                     gatepro_partners, gatepro_penalize, ortho_loss, sequence_balance_loss, switch_aux_loss,
-                     variance_loss, z_loss)
+from routers import (ROUTERS, Routing, TopKRouter, build_router, capacity_keep_mask, dynamic_loss, expert_capacity,
+                     flatten_choices, gatepro_partners, gatepro_penalize, null_balance_loss, ortho_loss,
+                     remoe_coefficient_step, remoe_l1_loss, selected_balance_loss, sequence_balance_loss,
+                     switch_aux_loss, top_p_keep, variance_loss, z_loss)
 
 
 def router_config(**overrides):
@@ -665,6 +667,256 @@ def test_hash_map_is_fixed_by_its_seed():
 
 
 # -----------------------------------------------------------------------------
+# topp: the fewest experts whose probabilities reach p (Huang et al. 2024)
+
+
+def test_top_p_keep_by_hand():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    # sums of the candidates before each: 0, .5, .8, .95; kept where that sum is < p
+    assert top_p_keep(probs, 0.7).tolist() == [[True, True, False, False]]    # .5 < .7, .8 reaches it: 2 experts
+    assert top_p_keep(probs, 0.85).tolist() == [[True, True, True, False]]    # .8 < .85, .95 reaches it: 3
+    assert top_p_keep(probs, 0.4).tolist() == [[True, False, False, False]]   # the first alone reaches .4
+    assert top_p_keep(probs, 1.0).tolist() == [[True, True, True, True]]      # .95 < 1: all four
+    # a prefix that reaches p exactly stops there (sums of powers of 2 are exact in fp32):
+    # .5 + .25 = .75 reaches p = .75 with two experts; the authors' code ("> p") would take a third
+    assert top_p_keep(torch.tensor([[0.5, 0.25, 0.125, 0.125]]), 0.75).tolist() == [[True, True, False, False]]
+
+
+def test_dynamic_loss_by_hand():
+    # uniform over 4: ln 4 = 1.386294; one-hot: 0; (.5, .25, .25, 0): .5 ln 2 + 2 * .25 ln 4 = 1.5 ln 2 = 1.039721
+    logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, -1e4, -1e4, -1e4], [math.log(2), 0.0, 0.0, -1e4]])
+    assert dynamic_loss(logits).item() == pytest.approx((math.log(4) + 0 + 1.5 * math.log(2)) / 3, abs=1e-6)
+
+
+def test_selected_balance_loss_counts_only_the_assignments_made():
+    probs = torch.tensor([[0.8, 0.2], [0.4, 0.6]])  # P = (.6, .4)
+    # slots of experts 0, 0, 1, 1, only the first two used: f = (1, 0) -> 2 * .6 = 1.2
+    # (counting every slot would give f = (.5, .5) -> 1.0)
+    loss = selected_balance_loss(probs, torch.tensor([0, 0, 1, 1]), torch.tensor([True, True, False, False]))
+    assert loss.item() == pytest.approx(1.2)
+
+
+def logit_router(name, n_exp=4, **settings):
+    """A router on h [N, n_exp] whose gate is the identity: logits = h (h = log(probs) gives
+    softmax(logits) = probs)."""
+    router = build_router(router_config(router=name, n_embd=n_exp, n_head=1, n_exp=n_exp, **settings))
+    set_gate(router, torch.eye(router.gate.weight.size(0), n_exp).tolist())
+    return router
+
+
+def test_topp_router_by_hand():
+    router = logit_router('topp', top_p=0.7, aux_loss_coef=0.0, dynamic_loss_coef=0.0).eval()
+    # token 0: probs (.5, .3, .15, .05) -> experts 0, 1 (.5 + .3 reaches .7), raw weights .5, .3
+    # token 1: probs (.05, .15, .3, .5) -> experts 3, 2, weights .5, .3
+    # token 2: probs (.12, .75, .08, .05) -> expert 1 alone (.75 >= .7)
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5], [0.12, 0.75, 0.08, 0.05]])
+    r = router(probs.log())
+    # 3 tokens x max_k = 4 slots, choice-major: every token's most probable candidate, then the second, ...
+    assert r.token_idx.tolist() == [0, 1, 2] * 4
+    assert r.expert_idx[:6].tolist() == [0, 3, 1, 1, 2, 0]  # first and second candidates
+    assert r.used.tolist() == [True, True, True, True, True, False] + [False] * 6
+    assert r.kept.tolist() == r.used.tolist()
+    torch.testing.assert_close(r.weight[:6], torch.tensor([0.5, 0.5, 0.75, 0.3, 0.3, 0.0]))
+    assert (r.weight[6:] == 0).all() and r.experts_per_token(3).tolist() == [2, 2, 1]
+    assert not r.cap_bound.any()  # no cap below E: it never binds
+    # renormalize=True divides by the kept experts' sum: .5 / .8 = .625, .3 / .8 = .375; the lone expert 1
+    router.renormalize = True
+    torch.testing.assert_close(router(probs.log()).weight[:6], torch.tensor([0.625, 0.625, 1.0, 0.375, 0.375, 0.0]))
+    # max_k = 2 at p = .85: token 0 needs 3 experts (.5 + .3 = .8 < .85): it keeps its 2 best, and the cap binds;
+    # token 2 needs 2 (.75 + .12 = .87 reaches it) and fits
+    capped = logit_router('topp', top_p=0.85, max_k=2).eval()
+    r = capped(probs.log())
+    assert r.n_slots == 6 and r.used.tolist() == [True, True, True, True, True, True]
+    assert r.cap_bound.tolist() == [True, True, False]
+
+
+def test_topp_losses_by_hand():
+    router = logit_router('topp', top_p=0.4, max_k=2, aux_loss_coef=0.5, dynamic_loss_coef=0.1)
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
+    r = router(probs.log())
+    # balance: each token's first expert reaches .4 alone: experts 0 and 3, f = (.5, 0, 0, .5),
+    # P = (.275, .225, .225, .275) -> 4 * (.5 * .275 + .5 * .275) = 1.1
+    # (counting the empty slots too, experts 0, 1 | 3, 2, would give f uniform and 1.0)
+    assert r.losses['aux'].item() == pytest.approx(0.5 * 1.1, abs=1e-6)
+    # dynamic loss: both tokens have the entropy of (.5, .3, .15, .05)
+    entropy = -sum(p * math.log(p) for p in (0.5, 0.3, 0.15, 0.05))
+    assert r.losses['dynamic'].item() == pytest.approx(0.1 * entropy, abs=1e-6)
+    assert set(r.losses) == {'aux', 'dynamic'}  # no z-loss by default
+
+
+def test_capacity_gives_no_room_to_empty_slots():
+    # E = 4, N = 2 tokens, top_k = 2, capacity factor 1: capacity = 1 * 2 * 2 / 4 = 1 pair an expert.
+    # Slots of experts 0, 0, 1: the first is empty. The used pair of expert 0 must keep its room
+    # (an empty slot counted as load would take it and drop the pair: [False, False, True])
+    router = build_router(router_config(router='topp', capacity_factor=1.0)).train()
+    routing = Routing(torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1]), torch.tensor([0.0, 0.6, 0.4]),
+                      torch.zeros(2, 4), used=torch.tensor([False, True, True]))
+    dropped = router.drop_over_capacity(routing)
+    assert dropped.kept.tolist() == [False, True, True]
+    # two used pairs of expert 0: the second is over capacity, and the empty slot stays unkept
+    routing = replace(routing, used=torch.tensor([True, True, True]), kept=None)
+    assert router.drop_over_capacity(routing).kept.tolist() == [True, False, True]
+
+
+# -----------------------------------------------------------------------------
+# remoe: ReLU gates, an L1 penalty whose coefficient adapts (Wang et al. 2025)
+
+
+def test_remoe_l1_loss_by_hand():
+    gates = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
+    # plain: the L1 norm of each token's gates, averaged: (3 + 3) / 2 = 3
+    assert remoe_l1_loss(gates, top_k=1, balanced=False).item() == pytest.approx(3.0)
+    # balanced, E = 3, k = 1, N = 2: active gates per expert (1, 0, 2) -> f = 3 / (1 * 2) * (1, 0, 2) = (1.5, 0, 3)
+    # token 0: 1.5 * 1 + 3 * 2 = 7.5; token 1: 3 * 3 = 9 -> mean 8.25
+    assert remoe_l1_loss(gates, top_k=1).item() == pytest.approx(8.25)
+
+
+def test_remoe_coefficient_step_by_hand():
+    coef = torch.tensor(1e-8)
+    # target sparsity .5 (k = 2 of E = 4): at .25 too many gates are active -> lambda * 1.2
+    assert remoe_coefficient_step(coef, torch.tensor(0.25), 0.5, 1.2).item() == pytest.approx(1.2e-8)
+    # at .75 too few -> lambda / 1.2; on target -> unchanged
+    assert remoe_coefficient_step(coef, torch.tensor(0.75), 0.5, 1.2).item() == pytest.approx(1e-8 / 1.2)
+    assert remoe_coefficient_step(coef, torch.tensor(0.5), 0.5, 1.2).item() == pytest.approx(1e-8)
+
+
+def test_remoe_router_by_hand():
+    router = logit_router('remoe', remoe_l1_init=0.5, remoe_balanced_l1=False).train()
+    # token 0: logits (1, -2, 3, -.5) -> gates (1, 0, 3, 0): experts 2 (3), 0 (1); token 1: (-1, -1, -1, -1): none
+    h = torch.tensor([[1.0, -2.0, 3.0, -0.5], [-1.0, -1.0, -1.0, -1.0]])
+    r = router(h)
+    # slots choice-major over the 4 largest logits; a gate <= 0 leaves its slot empty
+    assert r.token_idx.tolist() == [0, 1] * 4
+    assert r.expert_idx[[0, 2, 4, 6]].tolist() == [2, 0, 3, 1]  # token 0's candidates, largest logit first
+    assert r.used.tolist() == [True, False, True, False, False, False, False, False]
+    assert r.weight.tolist() == [3.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]  # the ReLU gate itself, not normalised
+    assert r.experts_per_token(2).tolist() == [2, 0] and not r.cap_bound.any()
+    # the L1: lambda * mean of the gates' sums = .5 * (4 + 0) / 2 = 1
+    assert set(r.losses) == {'l1'} and r.losses['l1'].item() == pytest.approx(1.0)
+    assert router.tokens_seen.item() == 2  # counted in training only
+    router.eval()(h)
+    assert router.tokens_seen.item() == 2
+    # max_k = 2: token 0's 2 positive gates fit; token 2 has 3 (logits 1, 2, 3, -1) and keeps its
+    # 2 largest, experts 2 (3.0) and 1 (2.0): the cap binds for it alone
+    capped = logit_router('remoe', max_k=2, top_k=1).eval()
+    r = capped(torch.cat([h, torch.tensor([[1.0, 2.0, 3.0, -1.0]])]))
+    assert r.expert_idx[[0, 2, 3, 5]].tolist() == [2, 2, 0, 1] and r.used.tolist() == [True, False, True] * 2
+    assert r.weight[[0, 2, 3, 5]].tolist() == [3.0, 3.0, 1.0, 2.0]
+    assert r.cap_bound.tolist() == [False, False, True]
+
+
+def test_remoe_coefficient_follows_the_sparsity_of_each_step():
+    router = logit_router('remoe').train()  # E = 4, top_k = 2: target sparsity .5, lambda_0 = 1e-8
+    h = torch.randn(6, 4)
+    router(h)
+    router(h)  # two micro-steps: 12 tokens, 48 gates
+    # 36 experts ran: sparsity 1 - 36/48 = .25 < .5 -> lambda * 1.2
+    router.step_finished(0, torch.tensor([9, 9, 9, 9]))
+    assert router.l1_coef.item() == pytest.approx(1.2e-8) and router.tokens_seen.item() == 0
+    router(h)  # 6 tokens, 24 gates; 18 ran: sparsity .25 -> * 1.2 again
+    router.step_finished(1, torch.tensor([18, 0, 0, 0]))
+    assert router.l1_coef.item() == pytest.approx(1.44e-8)
+    router(h)  # 6 of 24 ran: sparsity .75 > .5 -> / 1.2
+    router.step_finished(2, torch.tensor([3, 3, 0, 0]))
+    assert router.l1_coef.item() == pytest.approx(1.2e-8)
+    router(h)  # exactly on target (12 of 24): unchanged
+    router.step_finished(3, torch.tensor([3, 3, 3, 3]))
+    assert router.l1_coef.item() == pytest.approx(1.2e-8)
+    router(h)  # a skipped step passes zeros: nothing learned, and the count starts again
+    router.step_finished(4, torch.zeros(4, dtype=torch.long))
+    assert router.l1_coef.item() == pytest.approx(1.2e-8) and router.tokens_seen.item() == 0
+    # lambda is checkpointed, the token count is not (it is 0 after every step)
+    state = router.state_dict()
+    assert 'l1_coef' in state and 'tokens_seen' not in state
+
+
+def test_remoe_sparsity_counts_the_positive_gates_the_cap_cut():
+    """Under a cap that binds, the coefficient must see how dense the gates are, not how many
+    experts ran: counting only the experts that ran, the cap would tell it "on target" while
+    every token wants 3 of 4 experts."""
+    router = logit_router('remoe', max_k=2).train()  # E = 4, top_k = 2: target sparsity 1 - 2/4 = .5
+    # 3 tokens, each with 3 positive gates of 4 (and a negative one): 9 positive gates of 12
+    h = torch.tensor([[1.0, 2.0, 3.0, -1.0], [-1.0, 1.0, 2.0, 3.0], [3.0, -1.0, 1.0, 2.0]])
+    routing = router(h)
+    assert routing.kept.sum() == 6 and routing.cap_bound.all()  # 2 ran per token: the cap cut one each
+    # positive gates per expert: expert 0 in tokens 0, 2; 1 in 0, 1; 2 in all three; 3 in 1, 2 -> (2, 2, 3, 2)
+    assert routing.active_gates.tolist() == [2, 2, 3, 2]
+    stats = RoutingStats()
+    stats.add({0: routing}, full=False)  # what train.py counts on a step that logs nothing
+    counts = stats.router_counts()[0]
+    assert counts.tolist() == [2, 2, 3, 2] and stats.load_counts()[0].sum() == 6
+    # sparsity 1 - 9/12 = .25 < .5: too dense -> lambda * 1.2 (the 6 that ran, 1 - 6/12 = .5, would leave it)
+    router.step_finished(0, counts)
+    assert router.l1_coef.item() == pytest.approx(1.2e-8)
+
+
+def test_remoe_gradient_reaches_every_positive_gate():
+    """The ReLU gate is differentiable where it is positive: the LM loss reaches the gate
+    of every expert that ran, not only the top-k (what ReMoE is for)."""
+    router = logit_router('remoe', remoe_l1_init=1e-8)
+    h = torch.tensor([[1.0, 2.0, 3.0, -1.0]])
+    r = router(h)
+    r.weight.sum().backward()  # d/dW of sum of the positive gates: row e gets h for each positive gate
+    grad = router.gate.weight.grad
+    assert (grad[:3].abs().sum(dim=1) > 0).all() and grad[3].abs().sum() == 0
+
+
+# -----------------------------------------------------------------------------
+# null experts (MoE++'s zero experts) in the top-k routers
+
+
+def test_null_balance_loss_by_hand():
+    # E = 2 real experts and M = 1 null; probs t0 (.5, .2, .3), t1 (.1, .3, .6): P = (.3, .25, .45)
+    # slots of experts 0, 2 | 2, 1: f = (1, 1, 2) / 4 = (.25, .25, .5)
+    probs = torch.tensor([[0.5, 0.2, 0.3], [0.1, 0.3, 0.6]])
+    slots = torch.tensor([0, 2, 2, 1])
+    # tau = .5: 3 * (.25 * .3 + .25 * .25 + .5 * .5 * .45) = 3 * .25 = .75
+    assert null_balance_loss(probs, slots, n_exp=2, tau=0.5).item() == pytest.approx(0.75)
+    # tau = 1: every expert alike, Switch's loss over all 3: 3 * (.075 + .0625 + .225) = 1.0875
+    assert null_balance_loss(probs, slots, n_exp=2, tau=1.0).item() == pytest.approx(1.0875)
+    assert switch_aux_loss(probs, slots, 3).item() == pytest.approx(1.0875)
+
+
+def test_topk_with_null_experts_by_hand():
+    # E = 2 real experts, M = 2 null ones, top-2, renormalised; the gate [4, 2] passes h to the real
+    # experts' logits and gives both null experts the logit 0
+    router = logit_router('topk', n_exp=2, n_null_exp=2, aux_loss_coef=0.0, z_loss_coef=0.0).eval()
+    assert router.gate.weight.tolist() == [[1, 0], [0, 1], [0, 0], [0, 0]]
+    h = torch.tensor([[2.0, -3.0], [-3.0, -2.0], [1.0, 0.5]])
+    r = router(h)
+    # token 0: logits (2, -3, 0, 0): top-2 = expert 0 (2) and a null one (0); weight of expert 0 =
+    #   e^2 / (e^2 + e^0) = .880797, the null slot empty
+    # token 1: logits (-3, -2, 0, 0): both slots null -> no real expert
+    # token 2: logits (1, .5, 0, 0): experts 0 and 1; weights e^1 / (e^1 + e^.5) = .622459 and .377541
+    assert r.experts_per_token(3).tolist() == [1, 0, 2]
+    assert r.logits.shape == (3, 2) and r.gate_weight.shape == (2, 2)  # the metrics see the real experts only
+    kept = {(t, e): w for t, e, w, k in zip(r.token_idx.tolist(), r.expert_idx.tolist(), r.weight.tolist(),
+                                             r.kept.tolist()) if k}
+    assert kept == {(0, 0): pytest.approx(0.880797, abs=1e-6), (2, 0): pytest.approx(0.622459, abs=1e-6),
+                    (2, 1): pytest.approx(0.377541, abs=1e-6)}
+    assert (r.weight[~r.used] == 0).all() and r.load().tolist() == [2, 1]
+    assert r.n_requested == 3  # the three real assignments; a null choice is not one
+
+
+@pytest.mark.parametrize('name', sorted(name for name, cls in ROUTERS.items() if issubclass(cls, TopKRouter)))
+def test_null_expert_contract(name):
+    """Every top-k softmax router takes null experts: k slots a token, the real ones kept
+    (unless capacity drops them), 0 to k real experts a token, gradient to the null rows."""
+    torch.manual_seed(0)
+    no_ortho = {'ortho_loss_coef': 0.0} if name == 'ortho_var' else {}  # L_o needs k outputs a token: refused
+    config = router_config(router=name, n_null_exp=3, **no_ortho)
+    router = build_router(config).train()
+    N, E, k = 24, config.n_exp, config.top_k
+    r = router(torch.randn(N, config.n_embd), torch.randint(0, 50, (N,)), seq_len=N)
+    assert r.n_slots == N * k and r.logits.shape == (N, E) and (r.expert_idx < E).all()
+    assert 0 < r.used.sum() < N * k  # some slots went to a null expert, some to a real one
+    assert not (r.kept & ~r.used).any() and (r.weight[~r.kept] == 0).all()
+    assert (r.experts_per_token(N) <= k).all()
+    (r.weight.sum() + sum(r.losses.values())).backward()
+    assert router.gate.weight.grad[E:].abs().sum() > 0  # the null experts' scores learn too
+
+
+# -----------------------------------------------------------------------------
 # config: what the routers fix, fill in and refuse
 
 
@@ -677,17 +929,22 @@ def test_hash_map_is_fixed_by_its_seed():
     ('expert_choice', {}),                                            # balanced by construction
     ('aux_free', {'aux_free_seq_loss_coef': 1e-4}),                   # DeepSeek-V3: the bias, no z-loss
     ('hash', {}),                                                     # nothing learned
+    ('topp', {'aux_loss_coef': 0.01, 'dynamic_loss_coef': 1e-4}),     # balance + dynamic (entropy) loss
+    ('remoe', {'remoe_l1_init': 1e-8}),                               # the adaptive L1 alone
 ])
 def test_each_router_trains_with_its_papers_losses_by_default(name, losses):
     config = router_config(router=name)
-    coefs = {key: getattr(config, key) for key in ('aux_loss_coef', 'z_loss_coef', 'ortho_loss_coef', 'var_loss_coef')}
+    coefs = {key: getattr(config, key)
+             for key in ('aux_loss_coef', 'z_loss_coef', 'ortho_loss_coef', 'var_loss_coef', 'dynamic_loss_coef')}
     coefs['aux_free_seq_loss_coef'] = config.aux_free_seq_loss_coef if name == 'aux_free' else 0.0
+    coefs['remoe_l1_init'] = config.remoe_l1_init if name == 'remoe' else 0.0
     assert {key: value for key, value in coefs.items() if value} == losses
     # and the losses the router returns are exactly those
     torch.manual_seed(0)
     router = build_router(config).train()
     r = router(torch.randn(8, 8), torch.randint(0, 50, (8,)), seq_len=4)
-    names = {'aux_loss_coef': 'aux', 'z_loss_coef': 'z', 'var_loss_coef': 'var', 'aux_free_seq_loss_coef': 'seq_aux'}
+    names = {'aux_loss_coef': 'aux', 'z_loss_coef': 'z', 'var_loss_coef': 'var', 'aux_free_seq_loss_coef': 'seq_aux',
+             'dynamic_loss_coef': 'dynamic', 'remoe_l1_init': 'l1'}
     assert set(r.losses) == {names[key] for key in losses if key in names}  # ortho comes after the experts
 
 
@@ -698,10 +955,56 @@ def test_each_router_trains_with_its_papers_losses_by_default(name, losses):
     (dict(router='hash', z_loss_coef=0.001), "needs z_loss_coef=0.0"),
     (dict(router='expert_choice', top_k=2), "needs top_k=None"),
     (dict(router='aux_free', aux_loss_coef=0.01), "router 'aux_free' needs aux_loss_coef=0.0"),
+    (dict(router='remoe', capacity_factor=1.25), "router 'remoe' needs capacity_factor=None"),
+    (dict(router='remoe', renormalize=True), "router 'remoe' needs renormalize=False"),
 ])
 def test_a_value_that_contradicts_what_a_router_fixes_is_an_error(bad, message):
     with pytest.raises(ValueError, match=message):
         router_config(**bad)
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(max_k=2), "max_k=2: router 'topk' gives every token a fixed number of experts; drop --max_k"),
+    (dict(router='topp', max_k=5), 'max_k=5 must be between top_k=2 and n_exp=4'),
+    (dict(router='remoe', max_k=1), 'max_k=1 must be between top_k=2 and n_exp=4'),
+    (dict(top_p=0.0), r'top_p=0.0 is outside \(0, 1\]; give'),
+    (dict(router='topp', top_p=1.5), r'top_p=1.5 is outside \(0, 1\]'),
+    (dict(dynamic_loss_coef=1e-4), "only router 'topp' trains with the dynamic loss"),
+    (dict(router='remoe', remoe_l1_multiplier=0.5), 'alpha >= 1'),
+    (dict(router='aux_free', n_null_exp=2), "null experts are for the top-k softmax routers .*not 'aux_free'"),
+    (dict(router='topp', n_null_exp=2), "null experts are for the top-k softmax routers .*not 'topp'"),
+    (dict(n_null_exp=2, aux_loss_per_sequence=True), 'the per-sequence loss has no weight for null experts'),
+    (dict(router='ortho_var', n_null_exp=2), 'needs fixed-k token choice without drops: n_null_exp=2'),
+    (dict(n_null_exp=-1), 'n_null_exp=-1, null_balance_weight=0.75: both must be >= 0; e.g. --n_null_exp=0'),
+])
+def test_settings_of_the_variable_k_routers_that_cannot_work_are_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        router_config(**bad)
+
+
+def test_variable_k_routers_fill_in_their_cap_and_describe_themselves():
+    topp = router_config(router='topp')
+    assert (topp.max_k, topp.top_p, topp.renormalize, topp.experts_per_token) == (4, 0.4, False, 2)
+    assert 'top-p 0.4, at most 4 experts a token, sized for 2' in topp.describe()
+    assert 'dynamic_loss_coef 0.0001' in topp.describe()
+    remoe = router_config(router='remoe', max_k=3)
+    assert (remoe.max_k, remoe.aux_loss_coef, remoe.capacity_factor) == (3, 0.0, None)
+    assert 'ReLU gates, 2 of 4 active on average, at most 3 a token' in remoe.describe()
+    assert '2 null experts (balance weight 0.75)' in router_config(n_null_exp=2).describe()
+
+
+@pytest.mark.parametrize('router', ['topp', 'remoe'])
+@pytest.mark.parametrize('n_exp, top_k, max_k', [
+    (64, 2, 4),   # 2 * 2 = 4 slots a token, not 64: twice top-2's compute, not 32 times
+    (8, 1, 2),    # 2 * 1
+    (8, 3, 6),    # 2 * 3
+    (4, 3, 4),    # 2 * 3 = 6 > E = 4: every expert, E
+    (4, 2, 4),    # 2 * 2 = E
+])
+def test_the_default_cap_is_twice_top_k_at_most_every_expert(router, n_exp, top_k, max_k):
+    assert router_config(router=router, n_exp=n_exp, top_k=top_k).max_k == max_k
+    # the papers' routing, uncapped, when asked for
+    assert router_config(router=router, n_exp=n_exp, top_k=top_k, max_k=n_exp).max_k == n_exp
 
 
 def test_user_values_win_over_a_routers_defaults():
@@ -839,7 +1142,7 @@ def test_router_contract(name):
     token_ids = torch.randint(0, config.vocab_size, (N,))
     r = router.train()(h, token_ids)
     assert isinstance(r, Routing)
-    P = r.n_requested  # every pair asked for stays in the tensors; capacity marks the dropped ones in r.kept
+    P = r.n_slots  # every pair asked for stays in the tensors; capacity marks the dropped ones in r.kept
     assert r.token_idx.shape == r.expert_idx.shape == r.weight.shape == (P,)
     assert r.logits.shape == (N, E) and r.logits.dtype == torch.float32
     assert r.token_idx.min() >= 0 and r.token_idx.max() < N
@@ -859,6 +1162,15 @@ def test_router_contract(name):
             assert (per_token <= config.top_k).all() and r.n_pairs == kept.sum() < N * config.top_k
             assert torch.bincount(r.expert_idx[kept], minlength=E).max() <= capacity
             assert (r.weight[~kept] == 0).all()  # a dropped pair weighs nothing
+    if router.variable_k:
+        # as many experts as a token needs: max_k slots a token, choice-major, distinct experts;
+        # an empty slot (used False) is never kept and weighs nothing; a token keeps 0 to max_k
+        assert P == N * config.max_k and r.used.shape == r.kept.shape == (P,) and r.cap_bound.shape == (N,)
+        assert r.token_idx.tolist() == list(range(N)) * config.max_k
+        assert len(set(zip(r.token_idx.tolist(), r.expert_idx.tolist()))) == P
+        assert not (r.kept & ~r.used).any() and (r.weight[~r.kept] == 0).all()
+        assert r.n_requested == r.used.sum() and r.n_pairs == r.kept.sum()
+        assert (torch.bincount(r.token_idx[r.kept], minlength=N) <= config.max_k).all()
     # gradient reaches the router's parameters through the gate weights (and losses)
     params = [p for p in router.parameters() if p.requires_grad]
     if params:
@@ -908,7 +1220,7 @@ def test_router_is_finite_at_extreme_and_equal_logits(name, case, autocast):
         with torch.autocast('cpu', dtype=autocast or torch.bfloat16, enabled=autocast is not None):
             r = router(h_in.to(autocast) if autocast else h_in, token_ids, seq_len=3)
             n_tokens = r.logits.size(0)
-            expert_out = torch.randn(r.n_requested, 8)  # a row for every pair, dropped ones too
+            expert_out = torch.randn(r.n_slots, 8)  # a row for every pair, dropped ones and empty slots too
             order = torch.argsort(r.expert_idx, stable=True)
             losses = {**r.losses, **router.output_losses(r, expert_out[order], order)}
         what = f"{name}, {case}, {'train' if training else 'eval'}"

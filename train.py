@@ -45,6 +45,7 @@ from faults import Interrupt, NonFiniteGuard, hold_out_dir
 from fast_experts import describe_impl
 from metrics import RoutingStats, format_routing_table
 from model import GPT, GPTConfig
+from routers import ROUTERS
 from system import (PTDTYPES, DDPSync, autocast_context, device_type_of, keep_freed_memory_on_cpu, peak_flops,
                     pick_device, pick_dtype)
 
@@ -239,7 +240,11 @@ if master_process:
     if moved:
         print(moved)
     print(f"tokens per iteration: {tokens_per_iter:,}  device: {device}  dtype: {dtype}")
-    print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, {model.get_num_active_params() / 1e6:.2f}M active per token")
+    # a variable-k router (or null experts) uses as many experts as each token takes: sized at top_k
+    at_top_k = f" (at top_k={gptconf.top_k} experts)" if gptconf.use_moe and (
+        ROUTERS[gptconf.router].variable_k or gptconf.n_null_exp) else ''
+    print(f"parameters: {model.get_num_params() / 1e6:.2f}M total, {model.get_num_active_params() / 1e6:.2f}M active "
+          f"per token{at_top_k}")
     if gptconf.use_moe:
         print(f"router: {gptconf.describe()}; MoE layers {[i for i, _ in model.moe_layers()]}")
         capability = torch.cuda.get_device_capability(device) if device_type == 'cuda' else None
@@ -439,10 +444,11 @@ while True:
         if grad_norm is not None and scaler.is_enabled():
             scaler.update()  # the scaler saw the inf in unscale_: it lowers the scale
     optimizer.zero_grad(set_to_none=True)
-    # the routers learn how the step went (DeepSeek-V3's bias, GatePro's step count), from the global batch
+    # the routers learn how the step went (DeepSeek-V3's bias, GatePro's step count, ReMoE's L1
+    # coefficient from its positive gates), from the global batch
     step_lm_loss = ddp_sync.global_batch(step_stats, step_lm_loss, log_step, finite)
-    # a skipped step routed nothing: GatePro still counts it, DeepSeek-V3's bias stays
-    load_counts = {layer: c if finite else torch.zeros_like(c) for layer, c in step_stats.load_counts().items()}
+    # a skipped step routed nothing: GatePro still counts it, DeepSeek-V3's bias and ReMoE's coefficient stay
+    load_counts = {layer: c if finite else torch.zeros_like(c) for layer, c in step_stats.router_counts().items()}
     raw_model.step_finished(iter_num, load_counts)
     ddp_sync.share_router_state(raw_model)  # the loss targets' coefficients: rank 0's on every rank
 
@@ -453,8 +459,11 @@ while True:
         host_stats, host = step_stats.to_host(lm_loss=step_lm_loss)  # the step's numbers, read back in one transfer
         router_losses = host_stats.loss_summary()
         lm_loss = host['lm_loss']
+        step_layers = host_stats.summary()
         if local_iter_num >= 5 and peak:  # let the training loop settle a bit
-            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak)
+            # the flops of the experts that ran: each layer's mean experts per token in this step
+            ran = {row['layer']: row['experts_per_token'] for row in step_layers if 'experts_per_token' in row}
+            mfu = raw_model.estimate_mfu(batch_size * gradient_accumulation_steps, dt, peak, ran or None)
             running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
         loss_parts = ''.join(f", {name} {value:.4f}" for name, value in router_losses.items())
         mfu_text = ''  # none on a CPU
@@ -463,7 +472,7 @@ while True:
         print(f"iter {iter_num}: loss {lm_loss:.4f}{loss_parts}, lr {lr:.2e}, time {dt * 1000:.1f}ms, "
               f"{tokens_per_iter / dt:,.0f} tok/s{mfu_text}")
         log_json({'iter': iter_num, 'split': 'train', 'loss': lm_loss, 'lr': lr, 'losses': router_losses,
-                  'layers': host_stats.summary(), 'time_ms': dt * 1000, 'tokens_per_s': tokens_per_iter / dt,
+                  'layers': step_layers, 'time_ms': dt * 1000, 'tokens_per_s': tokens_per_iter / dt,
                   'mfu': running_mfu if peak else None, 'skipped_steps': nonfinite.skipped_steps})
         if wandb_log:
             wandb.log({'iter': iter_num, 'train/loss': lm_loss, 'lr': lr, **({'mfu': running_mfu * 100} if peak else {}),

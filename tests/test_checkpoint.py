@@ -335,6 +335,8 @@ ROUTER_ARGS = {
     'expert_choice': [],
     'aux_free': ['--top_k=2', '--aux_free_update_rate=0.003'],  # a bias that has moved by N (0.1 flips back and forth)
     'hash': [],
+    'topp': ['--top_k=2'],
+    'remoe': ['--top_k=2'],  # its L1 coefficient, a checkpointed buffer, moves after every step
 }
 
 

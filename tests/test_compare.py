@@ -207,11 +207,11 @@ def results_tables(stats_by_row):
 EVERY_HEADER = ['val loss', 'tokens/s', 'zero-token experts', 'zero-token per batch', 'zero-token, training mean',
                 'iters until all experts used', 'max_vio', 'routing_variance', 'expert_overlap', 'pair_coactivation',
                 'specialization', 'router_entropy', 'load_cv', 'dropped_frac', 'dropped, training mean',
-                'gate_cos_sim', 'gate_angle', 'gate_spectral_entropy']
+                'gate_cos_sim', 'gate_angle', 'gate_spectral_entropy', 'experts per token']
 
 
 def test_first_table_is_short_and_takes_the_columns_that_matter_for_the_runs():
-    def stats(pairs=False, drops=False, idle=False):
+    def stats(pairs=False, drops=False, idle=False, variable_k=False):
         lines = metrics_lines(optional=pairs)  # optional: expert_overlap is logged, as for top-2
         for line in lines:
             for entry in line['layers']:
@@ -222,6 +222,9 @@ def test_first_table_is_short_and_takes_the_columns_that_matter_for_the_runs():
             train[1]['layers'][0]['dropped_frac'] = 0.1
         if idle:
             train[-1]['layers'][1]['zero_token_experts'] = 2  # still an idle expert at the end: never all used
+        for step, line in enumerate(train):
+            for entry in line['layers']:  # top-2 less its drops at every step; topp's wanders: 1.5, 1.6, ... 1.9
+                entry['experts_per_token'] = 1.5 + step / 10 if variable_k else 2.0 * (1 - entry['dropped_frac'])
         return compare.run_stats(lines)
 
     core = ['val loss', 'tokens/s', 'zero-token experts', 'max_vio', 'specialization']
@@ -238,6 +241,30 @@ def test_first_table_is_short_and_takes_the_columns_that_matter_for_the_runs():
     assert first == core + ['zero-token, training mean', 'iters until all experts used', 'pair_coactivation',
                             'expert_overlap', 'dropped, training mean', 'dropped_frac']
     assert sorted(first + more) == sorted(EVERY_HEADER)
+    # a topp run beside a top-k one: how many experts the tokens took comes to the first table
+    first, more = results_tables({'topk': stats(pairs=True), 'topp': stats(pairs=True, variable_k=True)})
+    assert first == core + ['pair_coactivation', 'expert_overlap', 'experts per token']
+    assert sorted(first + more) == sorted(EVERY_HEADER)
+
+
+def test_experts_per_token_column_by_hand():
+    lines = metrics_lines()
+    for step, line in enumerate(plot.by_iter(lines, 'train')):
+        for entry in line['layers']:
+            entry['experts_per_token'] = 1.5 + step / 10  # varies from step to step: topp
+    for line in plot.by_iter(lines, 'val'):
+        for entry in line['layers']:
+            entry['experts_per_token'] = 1.6 + entry['layer'] / 2  # last eval: layers 1.6 and 2.1
+    stats = compare.run_stats(lines)
+    assert stats['experts_vary'] and stats['experts_per_token'] == pytest.approx(1.85)  # (1.6 + 2.1) / 2
+    config = {'routers': ['topp'], 'seeds': [1], 'jobs': 1, 'zero_token_at': [], 'compare_dir': 'cmp'}
+    runs = [('topp-s1', 'topp', 1, 'cmp/topp-s1', ['python', 'train.py', '--router=topp'])]
+    text = compare.results_markdown(config, runs, {'topp-s1': stats}, {'topp-s1': 1.0}, ['compare.py'], 1.0, 0, None)
+    headers, rows = markdown_tables(text)[0]
+    assert rows['topp']['experts per token'] == '1.85'
+    first_notes = text.split('Val loss seed by seed')[0]
+    assert '- experts per token: the experts that ran per token, mean over the tokens' in first_notes
+    assert 'experts per token: the last val line, mean over the MoE layers' in first_notes
 
 
 # -----------------------------------------------------------------------------

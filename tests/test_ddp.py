@@ -202,3 +202,32 @@ def test_loss_scales_are_shared_again_until_every_one_is_calibrated(monkeypatch)
     assert not sync.loss_scales_pending
     sync.share_router_state(model)  # nothing left to share: no third broadcast
     assert sources == [0, 0]
+
+
+def test_a_step_that_logs_nothing_sums_remoes_positive_gates_over_the_ranks(monkeypatch):
+    """On a step that logs nothing only the counts the routers learn from travel between
+    the ranks, in one all_reduce: every layer's load and, for ReMoE, its positive gates
+    (what its coefficient reads: a rank's own half would step lambda on half the batch)."""
+    from metrics import RoutingStats
+    from routers import Routing
+    calls = []
+
+    def all_reduce(tensor):  # rank 1 holds 100 in every entry
+        calls.append(tensor.shape)
+        tensor += 100
+
+    monkeypatch.setattr(system.dist, 'all_reduce', all_reduce)
+    # layer 0 a top-1 router; layer 1 ReMoE-like: 2 tokens, 4 experts, its slots and its positive gates
+    top1 = Routing(torch.tensor([0, 1]), torch.tensor([2, 2]), torch.ones(2), torch.zeros(2, 4))
+    relu = Routing(torch.tensor([0, 1, 0, 1]), torch.tensor([0, 1, 3, 2]), torch.ones(4), torch.zeros(2, 4),
+                   used=torch.tensor([True, True, True, False]), active_gates=torch.tensor([1, 1, 1, 2]))
+    stats = RoutingStats()
+    stats.add({0: top1, 1: relu}, full=False)
+    sync = system.DDPSync(ddp=True, world_size=2, device='cpu', master_process=False)
+    sync.global_batch(stats, torch.tensor(1.0), log_step=False, finite=True)
+    # one all_reduce of 3 rows of E = 4: the two layers' loads, then layer 1's positive gates
+    assert calls == [torch.Size([3, 4])]
+    assert stats.load_counts()[0].tolist() == [100, 100, 102, 100]  # this rank's load (0, 0, 2, 0) + rank 1's
+    assert stats.load_counts()[1].tolist() == [101, 101, 100, 101]  # the used slots: experts 0, 1, 3
+    assert stats.router_counts()[1].tolist() == [101, 101, 101, 102]  # its positive gates (1, 1, 1, 2) + 100
+    assert stats.router_counts()[0].tolist() == [100, 100, 102, 100]  # top-1 learns from its load

@@ -25,9 +25,18 @@ from test_routers import router_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 needs_grouped_mm = pytest.mark.skipif(grouped_mm is None, reason=f"torch {torch.__version__} has no grouped_mm")
 
-# every router, and capacity dropping in a router that is dropless by default
-CASES = [(name, {}) for name in sorted(ROUTERS)] + [('topk', {'capacity_factor': 1.0}), ('aux_free', {'capacity_factor': 1.0})]
-CASE_IDS = [name + ('_capacity' if extra else '') for name, extra in CASES]
+# every router; capacity dropping in routers that are dropless by default; null experts; and
+# the variable-k routers with a cap that binds
+EXTRA_CASES = {
+    'topk_capacity': ('topk', {'capacity_factor': 1.0}),
+    'aux_free_capacity': ('aux_free', {'capacity_factor': 1.0}),
+    'topk_null': ('topk', {'n_null_exp': 2}),
+    'switch_null': ('switch', {'n_null_exp': 1}),  # top-1 with a capacity: a null slot takes no room
+    'topp_capped': ('topp', {'max_k': 2, 'top_p': 0.9}),
+    'remoe_capped': ('remoe', {'max_k': 2}),
+}
+CASES = [(name, {}) for name in sorted(ROUTERS)] + list(EXTRA_CASES.values())
+CASE_IDS = sorted(ROUTERS) + list(EXTRA_CASES)
 
 
 def tiny_model(router, expert_impl='grouped', **overrides):
@@ -210,18 +219,21 @@ finally:
 
 
 @needs_grouped_mm
-def test_a_train_py_step_syncs_once_and_a_logging_step_reads_back_once(runner, tiny_data, tmp_path):
+@pytest.mark.parametrize('router_args', [['--router=aux_free', '--capacity_factor=1.0'], ['--router=remoe']],
+                         ids=['aux_free_capacity', 'remoe'])
+def test_a_train_py_step_syncs_once_and_a_logging_step_reads_back_once(runner, tiny_data, tmp_path, router_args):
     """The real train.py under the counter, 6 steps of 2 micro-steps, a log every 3. Every
     sync in a training step (from its first line to `iter_num += 1`) is listed in order:
     the finiteness check once a step, and on the logging steps (0 and 3) one read-back.
-    aux_free with a capacity: pairs are dropped, and its bias moves after every step."""
+    aux_free with a capacity: pairs are dropped, and its bias moves after every step;
+    remoe: empty slots, and its L1 coefficient moves after every step."""
     driver, events_path = tmp_path / 'count_syncs.py', tmp_path / 'events.json'
     driver.write_text(DRIVER)
     result = runner.run([str(events_path), os.path.join(REPO, 'train.py'), '--device=cpu', '--n_layer=2', '--n_head=2',
                          '--n_embd=32', '--n_exp=4', '--batch_size=4', '--block_size=16', '--eval_iters=2',
                          '--warmup_iters=2', f'--data_dir={tiny_data}', f'--out_dir={tmp_path / "out"}',
                          '--max_iters=6', '--log_interval=3', '--eval_interval=100', '--gradient_accumulation_steps=2',
-                         '--expert_impl=grouped', '--router=aux_free', '--capacity_factor=1.0'],
+                         '--expert_impl=grouped', *router_args],
                         script=str(driver))
     assert result.returncode == 0, result.stderr
     assert 'experts: grouped' in result.stdout

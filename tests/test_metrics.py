@@ -231,3 +231,61 @@ def test_a_token_that_no_expert_picked_has_no_top1_expert():
     assert row['pair_coactivation'] == pytest.approx(0.2)
     assert row['expert_label_counts'] == [[2, 0], [0, 1], [0, 1]]
     assert row['specialization'] == pytest.approx(0.8, abs=1e-6)
+
+
+def variable_k_routing():
+    """Four tokens with 3 slots each (a router with max_k = 3 over E = 4), pairs choice-major:
+    t0 uses 2 slots, t1 none, t2 one, t3 all three, one of which capacity dropped."""
+    token_idx = torch.arange(4).repeat(3)
+    expert_idx = torch.tensor([0, 1, 2, 3,  # first slots
+                               1, 2, 3, 0,  # second slots
+                               2, 3, 0, 1])  # third slots
+    used = torch.tensor([1, 0, 1, 1,  1, 0, 0, 1,  0, 0, 0, 1], dtype=torch.bool)
+    kept = used & ~torch.tensor([0, 0, 0, 0,  0, 0, 0, 1,  0, 0, 0, 0], dtype=torch.bool)  # t3's second pair dropped
+    weight = torch.where(kept, 0.5, 0.0)
+    return Routing(token_idx, expert_idx, weight, torch.zeros(4, 4), kept=kept, used=used,
+                   cap_bound=torch.tensor([False, False, False, True]))
+
+
+def test_experts_per_token_by_hand():
+    routing = variable_k_routing()
+    # experts that ran (kept pairs) per token: t0 2, t1 0, t2 1, t3 2 (3 used, 1 dropped)
+    assert routing.experts_per_token(4).tolist() == [2, 0, 1, 2]
+    stats = RoutingStats(label_names=['a', 'b', 'c'])
+    stats.add({0: routing}, labels=torch.tensor([0, 1, 0, 1]))
+    row = stats.summary(tables=True)[0]
+    # mean (2 + 0 + 1 + 2) / 4 = 1.25; mean of squares (4 + 0 + 1 + 4) / 4 = 2.25;
+    # population std sqrt(2.25 - 1.5625) = sqrt(.6875) = .829156
+    assert row['experts_per_token'] == pytest.approx(1.25)
+    assert row['experts_per_token_std'] == pytest.approx(math.sqrt(0.6875))
+    # tokens with 0, 1, 2, 3, 4 experts: t1 | t2 | t0, t3 | - | -
+    assert row['experts_per_token_histogram'] == [1, 1, 2, 0, 0]
+    # by label: a = t0, t2 -> (2 + 1) / 2 = 1.5; b = t1, t3 -> (0 + 2) / 2 = 1.0; c has no token
+    assert row['experts_per_token_by_label'] == [1.5, 1.0, None]
+    assert row['cap_bound_frac'] == pytest.approx(0.25)  # t3 wanted more than the cap
+    # 6 assignments asked for (the empty slots are none), 5 kept: 1/6 dropped, not 7/12
+    assert row['dropped_frac'] == pytest.approx(1 / 6)
+    # the load counts the 5 kept pairs only: experts 0 (t0), 1 (t0's second), 2 (t2), 3 (t3), 1 (t3's third)
+    assert row['load'] == pytest.approx([0.2, 0.4, 0.2, 0.2])
+    # a train line (no tables): the mean, the std and the cap, no histogram
+    train_row = stats.summary()[0]
+    assert 'experts_per_token_histogram' not in train_row and train_row['experts_per_token_std'] > 0
+
+
+def test_experts_per_token_accumulate_over_passes():
+    # two top-1 passes: every token has exactly one expert -> mean 1, std 0; no cap, no cap_bound_frac
+    stats = RoutingStats()
+    stats.add({0: one_hot_routing([0, 1, 2])})
+    stats.add({0: one_hot_routing([3, 3, 0])})
+    row = stats.summary(tables=True)[0]
+    assert (row['experts_per_token'], row['experts_per_token_std']) == (1.0, 0.0)
+    assert row['experts_per_token_histogram'] == [0, 6, 0, 0, 0] and 'cap_bound_frac' not in row
+    # a third pass where token 0 gets all E = 4 experts (expert choice can) and token 1 one:
+    # 8 tokens with 1, 1, 1, 1, 1, 1, 4, 1 experts -> histogram [0, 7, 0, 0, 1], mean 11/8 = 1.375,
+    # mean of squares 23/8 = 2.875, std sqrt(2.875 - 1.890625) = sqrt(.984375)
+    token_idx, expert_idx = torch.tensor([0, 0, 0, 0, 1]), torch.tensor([0, 1, 2, 3, 0])
+    stats.add({0: Routing(token_idx, expert_idx, torch.ones(5), torch.zeros(2, 4))})
+    row = stats.summary(tables=True)[0]
+    assert row['experts_per_token_histogram'] == [0, 7, 0, 0, 1]
+    assert row['experts_per_token'] == pytest.approx(1.375)
+    assert row['experts_per_token_std'] == pytest.approx(math.sqrt(0.984375))

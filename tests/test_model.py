@@ -38,11 +38,12 @@ def naive_moe(moe, x, capacity_factor=None):
         router.capacity_factor = router.eval_capacity_factor = None
     routing = router(h)
     router.capacity_factor, router.eval_capacity_factor = saved
-    keep = [True] * routing.n_pairs
+    # an empty slot (topp past its cut, a ReLU gate <= 0, a null expert) is not kept: it runs nothing
+    keep = [True] * routing.n_slots if routing.kept is None else routing.kept.tolist()
     if capacity_factor is not None:
         keep = naive_keep(routing.expert_idx, moe.n_exp, expert_capacity(B * T, moe.n_exp, router.top_k, capacity_factor))
     y = torch.zeros_like(h)
-    for p in range(routing.n_pairs):
+    for p in range(routing.n_slots):
         if not keep[p]:
             continue
         t, e, w = int(routing.token_idx[p]), int(routing.expert_idx[p]), routing.weight[p]
@@ -59,6 +60,12 @@ def naive_moe(moe, x, capacity_factor=None):
     dict(n_shared_exp=1),
     dict(n_exp=8, top_k=2, expert_hidden=24),
     dict(router='expert_choice'),  # a variable number of experts per token, no capacity dropping
+    dict(router='topp'),  # as many experts as a token needs: empty slots run nothing
+    dict(router='topp', top_p=0.9, max_k=2, renormalize=True),
+    dict(router='remoe'),
+    dict(router='remoe', top_k=1, max_k=1),
+    dict(n_null_exp=2),  # a slot given to a null expert adds nothing
+    dict(router='noisy_topk', n_null_exp=1),
 ])
 def test_moe_matches_naive_reference(overrides):
     torch.manual_seed(0)
@@ -97,6 +104,44 @@ def test_dropped_token_keeps_its_residual():
     assert dropped, "capacity 0.25 with 16 tokens and 4 experts must drop some tokens"
     # the MoE contributes exactly zero to a dropped token: its block output is the residual
     assert torch.all(y.view(16, 32)[dropped] == 0)
+
+
+def test_a_token_whose_slots_all_go_to_null_experts_gets_exactly_zero():
+    """Null experts add nothing: a token whose k slots all go to null experts gets an MoE
+    output of exactly 0 (its block keeps the residual alone); the others get their experts."""
+    torch.manual_seed(8)
+    moe = MoE(tiny_config(n_exp=4, n_null_exp=2, top_k=2)).eval()
+    # feature 0 is +1 for the first 4 tokens and -1 for the last 4; the null experts' gate rows
+    # read it (logit +-10), the real experts' rows are small: the first tokens pick two nulls
+    x = torch.randn(1, 8, 32) * 0.1
+    x[0, :, 0] = torch.tensor([1.0] * 4 + [-1.0] * 4)
+    with torch.no_grad():
+        moe.router.gate.weight[4:] = 0.0
+        moe.router.gate.weight[4:, 0] = 10.0
+    y, routing, _ = moe(x)
+    assert routing.experts_per_token(8).tolist() == [0] * 4 + [2] * 4
+    assert torch.all(y[0, :4] == 0)  # exactly 0, not approximately
+    assert (y[0, 4:].abs().sum(dim=-1) > 0).all()
+    y_ref, _ = naive_moe(moe, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=0)
+
+
+def test_remoe_layers_share_one_coefficient():
+    """ReMoE holds the sparsity of the whole model: every layer's coefficient steps on the
+    mean of the layers' counts, so a dense layer and a sparse one that average to the
+    target leave both coefficients unchanged, and they stay equal."""
+    torch.manual_seed(9)
+    model = GPT(tiny_config(n_layer=2, router='remoe', n_exp=4, top_k=2)).train()
+    idx = torch.randint(0, 37, (2, 8))  # 16 tokens, 64 gates a layer
+    routers = [moe.router for _, moe in model.moe_layers()]
+    model(idx, idx)
+    # layer 0 ran all 64 gates (sparsity 0), layer 1 none: the mean, 32 of 64, is the target .5
+    model.step_finished(0, {0: torch.tensor([16, 16, 16, 16]), 1: torch.zeros(4, dtype=torch.long)})
+    assert [r.l1_coef.item() for r in routers] == [pytest.approx(1e-8)] * 2
+    model(idx, idx)
+    # 64 and 16 ran: the mean 40 of 64 is sparsity .375 < .5 -> both * 1.2 (layer 1 alone would go down)
+    model.step_finished(1, {0: torch.tensor([16, 16, 16, 16]), 1: torch.tensor([4, 4, 4, 4])})
+    assert [r.l1_coef.item() for r in routers] == [pytest.approx(1.2e-8)] * 2
 
 
 def test_eval_capacity_factor_is_used_in_eval():
@@ -182,6 +227,24 @@ def test_active_parameter_count():
     assert model.get_num_params() - model.get_num_active_params() == expert_params // 2
 
 
+def test_mfu_counts_the_experts_that_ran():
+    """estimate_mfu with the mean number of experts that ran per token (what train.py reads
+    from a logged step's routing) counts their flops, not top_k's."""
+    config = tiny_config(n_layer=2, n_exp=4, top_k=2, router='topp')  # both layers MoE
+    model = GPT(config)
+    expert_params = 2 * 4 * 32 * 64  # per layer: w_fc and w_proj of 4 experts of width 64 (4 * 32 / 2)
+    T, fwdbwd = config.block_size, 3
+    # 6 flops per active parameter, T tokens a sequence, 3 sequences, over dt = 1 s at a peak of 1 flop/s
+    mfu = lambda k: model.estimate_mfu(fwdbwd, 1.0, 1.0, k)
+    # one more expert per token in each of the 2 layers: 2 * expert_params / 4 more active parameters
+    assert mfu(3.0) - mfu(2.0) == pytest.approx(6 * 2 * expert_params / 4 * T * fwdbwd)
+    # None counts top_k = 2; a number per layer: 1.5 in layer 0 and 2.5 in layer 1 sum to 4 = 2 + 2
+    assert mfu(None) == mfu(2.0) == pytest.approx(mfu({0: 1.5, 1: 2.5}))
+    assert mfu({0: 1.0, 1: 2.0}) - mfu(2.0) == pytest.approx(-6 * expert_params / 4 * T * fwdbwd)
+    # the active parameters: 1 of 4 experts in each layer leaves 3/4 of both layers' experts inactive
+    assert model.get_num_params() - model.get_num_active_params(experts_per_token=1) == 2 * expert_params * 3 // 4
+
+
 def test_dense_model_when_n_exp_is_one():
     model = GPT(tiny_config(n_exp=1))
     assert model.moe_layers() == []
@@ -219,10 +282,19 @@ def test_generate_reports_experts():
     torch.manual_seed(5)
     model = GPT(tiny_config()).eval()
     idx = torch.randint(0, 37, (2, 4))
+    torch.manual_seed(6)
     out, experts = model.generate(idx, 5, return_experts=True)
     assert out.shape == (2, 9)
     assert len(experts) == 5 and set(experts[0]) == {0, 1}
     assert all(0 <= int(e) < 4 for step in experts for layer in step.values() for e in layer)
+    # with the counts too: the same tokens (the seed draws the same), and top-2 gives every token 2 experts
+    torch.manual_seed(6)
+    out_again, experts_again, counts = model.generate(idx, 5, return_experts=True, return_expert_counts=True)
+    assert torch.equal(out_again, out) and len(counts) == 5
+    assert all(torch.equal(a[layer], b[layer]) for a, b in zip(experts, experts_again) for layer in a)
+    assert all(c.tolist() == [2, 2] for step in counts for c in step.values())
+    torch.manual_seed(6)
+    assert torch.equal(model.generate(idx, 5), out)  # neither asked for: the tokens alone
 
 
 def test_greedy_generation_is_the_argmax_and_survives_non_finite_weights():

@@ -227,3 +227,105 @@ def test_dropped_share_is_drawn_for_a_run_that_drops_and_not_without(tmp_path, f
     draw(plot.plot_overview, none)
     assert 'dropped share' not in curve_titles(figures, str(tmp_path / 'none'))
     assert 'dropped share at each logged training step' not in panels(figure(figures, none, 'overview.png'))
+
+
+# -----------------------------------------------------------------------------
+# experts per token: a router that gives a token as many experts as it needs
+
+# experts_per_token at the training steps 0..40 of layers 0 and 1 (std 0.5 everywhere)
+TOPP_TRAIN = {0: [1.2, 1.5, 1.8, 2.0, 2.1], 1: [2.0, 2.0, 2.2, 2.4, 2.3]}
+
+
+def variable_k(lines):
+    """test_compare's run as topp logs it: experts_per_token varies from step to step, and
+    the evals (iterations 0 and 30) log it for each of the two labels, 'code' left without
+    a token at the last eval."""
+    for step, line in enumerate(plot.by_iter(lines, 'train')):
+        for entry in line['layers']:
+            entry.update(experts_per_token=TOPP_TRAIN[entry['layer']][step], experts_per_token_std=0.5)
+    for line in plot.by_iter(lines, 'val'):
+        for entry in line['layers']:
+            entry.update(experts_per_token=1.75 + entry['layer'], experts_per_token_std=0.4,
+                         experts_per_token_by_label=[1.5 + entry['layer'], 2.0 + entry['layer']])
+    plot.by_iter(lines, 'val')[-1]['layers'][1]['experts_per_token_by_label'] = [3.0, None]
+    return lines
+
+
+def fixed_k(lines, k=2.0):
+    """The same run as a top-k router logs it: every token takes k experts, less what capacity drops."""
+    for line in lines:
+        for entry in line['layers']:
+            entry.update(experts_per_token=k * (1 - entry['dropped_frac']), experts_per_token_std=0.0)
+    return lines
+
+
+def test_experts_vary_by_hand():
+    assert plot.experts_vary(variable_k(metrics_lines(optional=True)))
+    assert not plot.experts_vary(fixed_k(metrics_lines()))
+    # a top-1 router that drops .1 and .3 at two steps: 0.9 and 0.7 experts per token there, and
+    # 0.9 / (1 - 0.1) = 0.7 / (1 - 0.3) = 1 asked for at every step: it does not vary
+    assert not plot.experts_vary(fixed_k(with_drops(metrics_lines()), k=1.0))
+    assert not plot.experts_vary(metrics_lines())  # an older log: no experts_per_token at all
+    # one layer of one logged step asks for 2.5 instead of 2: varies
+    lines = fixed_k(metrics_lines())
+    plot.by_iter(lines, 'train')[2]['layers'][1]['experts_per_token'] = 2.5
+    assert plot.experts_vary(lines)
+
+
+def test_overview_draws_experts_per_token_when_it_varies(tmp_path, figures):
+    run_dir = write_run(tmp_path / 'topp', variable_k(metrics_lines()))
+    draw(plot.plot_overview, run_dir)
+    titled = panels(figure(figures, run_dir, 'overview.png'))
+    ax = titled['experts per token at each logged training step (band: one std over the tokens)']
+    assert small_print(ax) == ['(experts_per_token)']
+    assert [list(line.get_ydata()) for line in ax.get_lines()] == [TOPP_TRAIN[0], TOPP_TRAIN[1]]
+    # the band of layer 0 runs from its smallest mean less one std to its largest plus one: 1.2 - .5, 2.1 + .5
+    band = ax.collections[0].get_paths()[0].vertices[:, 1]
+    assert (band.min(), band.max()) == pytest.approx((0.7, 2.6))
+
+    # top-2, and top-1 that drops: experts_per_token moves only by the drops, no panel
+    for name, lines in (('topk', fixed_k(metrics_lines())), ('switch', fixed_k(with_drops(metrics_lines()), k=1.0))):
+        run_dir = write_run(tmp_path / name, lines)
+        draw(plot.plot_overview, run_dir)
+        assert not any(title.startswith('experts per token') for title in panels(figure(figures, run_dir, 'overview.png')))
+
+
+def test_curves_draw_experts_per_token_when_some_run_varies(tmp_path, figures):
+    topp = write_run(tmp_path / 'two' / 'topp-s1', variable_k(metrics_lines()), {'router': 'topp', 'seed': 1})
+    topk = write_run(tmp_path / 'two' / 'topk-s1', fixed_k(metrics_lines()), {'router': 'topk', 'seed': 1})
+    draw_group(plot.plot_group_curves, [topp, topk], tmp_path / 'two' / 'curves.png')
+    ax = panels(figures[str(tmp_path / 'two' / 'curves.png')])['experts per token']
+    assert small_print(ax) == ['(experts_per_token; training steps, mean over the layers)']
+    lines = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    # topp: the mean of its two layers at each step, (1.2 + 2.0) / 2, (1.5 + 2.0) / 2, ...; topk: 2 throughout
+    assert lines['topp'] == pytest.approx([1.6, 1.75, 2.0, 2.2, 2.2])
+    assert lines['topk'] == [2.0] * 5
+
+    # top-k alone: no panel, and the note at the bottom does not name it either
+    alone = write_run(tmp_path / 'one' / 'topk-s1', fixed_k(metrics_lines()), {'router': 'topk', 'seed': 1})
+    draw_group(plot.plot_group_curves, [alone], tmp_path / 'one' / 'curves.png')
+    assert 'experts per token' not in curve_titles(figures, str(tmp_path / 'one'))
+    assert 'experts_per_token' not in footnotes(figures[str(tmp_path / 'one' / 'curves.png')])
+
+
+def test_experts_by_domain_bars_each_labels_mean_at_the_last_eval(tmp_path, figures):
+    run_dir = write_run(tmp_path / 'topp', variable_k(metrics_lines(optional=True)))
+    draw(plot.plot_experts_by_domain, run_dir)
+    fig = figure(figures, run_dir, 'experts_by_domain.png')
+    titled = panels(fig)
+    assert list(titled) == ['layer 0', 'layer 1']
+    heights = {title: [bar.get_height() for bar in ax.patches] for title, ax in titled.items()}
+    # the last eval (iteration 30): layer 0 (1.5, 2.0); layer 1 (3.0, no token: no bar, a note)
+    assert heights == {'layer 0': [1.5, 2.0], 'layer 1': [3.0, 0.0]}
+    assert 'no token' in small_print(titled['layer 1']) and 'no token' not in small_print(titled['layer 0'])
+    assert [tick.get_text() for tick in titled['layer 0'].get_xticklabels()] == ['math', 'code']
+    # one y scale, up to the largest bar (3.0) and a bit: the layers compare at a glance
+    assert titled['layer 0'].get_ylim() == titled['layer 1'].get_ylim() == pytest.approx((0, 3.0 * 1.15))
+    # a dashed line at the mean over all the tokens of the layer: 1.75 and 2.75
+    assert [list(line.get_ydata()) for ax in titled.values() for line in ax.get_lines()] == [[1.75, 1.75],
+                                                                                              [2.75, 2.75]]
+    assert 'iteration 30' in fig._suptitle.get_text()
+
+    # an older log without the field: no picture (plot.main says why)
+    plain = write_run(tmp_path / 'plain', metrics_lines(optional=True))
+    assert plot.plot_experts_by_domain(plot.pyplot(), plot.read_metrics(plain), 'run', plain) is None

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from configurator import ConfigError, apply_overrides
+from model import GPT, GPTConfig
 from test_checkpoint import assert_one_line_error, records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
@@ -124,6 +125,7 @@ def test_train_logs_checkpoints_resumes_and_samples(tiny_data, tmp_path):
                   '--start=ab', '--device=cpu'], script='sample.py')
     assert result.returncode == 0, result.stderr
     assert '<- layer 0' in result.stdout and '<- layer 1' in result.stdout
+    assert 'experts per token' not in result.stdout  # top-k: every token takes 2, nothing to show
 
     # a prompt ending in a newline: the shown text starts with it, drawn as the legend's mark,
     # so the rows under it stay aligned (a raw newline would split the text row in two)
@@ -138,6 +140,81 @@ def test_train_logs_checkpoints_resumes_and_samples(tiny_data, tmp_path):
     text_row, layer_row = lines[prompt + 1], lines[prompt + 2]
     # 20 characters: the prompt's last one, then 19 generated ones fed back (the 20th is never fed)
     assert text_row.startswith(mark) and len(text_row) == len(layer_row.split('   <- layer')[0]) == 20
+
+
+# train.py under a made-up GPU peak (a CPU has none, so no MFU), recording what each
+# estimate_mfu call is given
+MFU_DRIVER = '''
+import json, runpy, sys
+import model, system
+calls_path, script = sys.argv[1], sys.argv[2]
+sys.argv = [script, *sys.argv[3:]]
+system.peak_flops = lambda device_name: (1e12, 'a made-up peak of 1 TFLOPS')
+calls = []
+estimate_mfu = model.GPT.estimate_mfu
+def recording(self, fwdbwd_per_iter, dt, peak_flops=312e12, experts_per_token=None):
+    calls.append(experts_per_token)
+    return estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops, experts_per_token)
+model.GPT.estimate_mfu = recording
+try:
+    runpy.run_path(script, run_name='__main__')
+finally:
+    with open(calls_path, 'w') as f:
+        json.dump(calls, f)
+'''
+
+
+def test_a_topp_run_counts_the_experts_that_ran_and_sample_shows_them(runner, tiny_data, tmp_path):
+    """Top-p gives each token as many experts as it needs: MFU counts the experts that ran
+    (each logged step's experts_per_token, per layer), and sample.py --show_experts adds a
+    row per layer with how many experts each character took."""
+    out_dir, calls_path, driver = tmp_path / 'out', tmp_path / 'calls.json', tmp_path / 'mfu_driver.py'
+    driver.write_text(MFU_DRIVER)
+    result = runner.run([str(calls_path), os.path.join(REPO, 'train.py'), *TINY, f'--data_dir={tiny_data}',
+                         f'--out_dir={out_dir}', '--router=topp', '--max_iters=8', '--eval_interval=8',
+                         '--log_interval=1'], script=str(driver))
+    assert result.returncode == 0, result.stderr
+    # sized at top_k = 2, what a token takes on average: said so
+    assert re.search(r"M active per token \(at top_k=2 experts\)", result.stdout)
+    # train.py estimates MFU from the 6th step on (steps 5, 6, 7), each with that step's logged means
+    logged = [{str(layer['layer']): layer['experts_per_token'] for layer in r['layers']}
+              for r in records(out_dir) if r['split'] == 'train' and r['iter'] >= 5]
+    assert json.loads(calls_path.read_text()) == logged and len(logged) == 3
+    assert any(k != 2.0 for step in logged for k in step.values())  # not top_k: top-p varies
+    assert all(r['mfu'] > 0 for r in records(out_dir) if r['split'] == 'train' and r['iter'] >= 5)
+
+    result = runner.run([f'--out_dir={out_dir}', '--num_samples=1', '--max_new_tokens=20', '--show_experts=True',
+                         '--start=ab', '--device=cpu'], script='sample.py')
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    legend = next(i for i, line in enumerate(lines) if line.startswith('(a newline shows as '))
+    assert "how many experts it took in the layer: 0-9, '+' beyond" in lines[legend]
+    mark = lines[legend].split('(a newline shows as ')[1][0]
+    text_row, rows = lines[legend + 1], lines[legend + 2:legend + 6]
+    assert [row.split('   <- ')[1] for row in rows] == ['layer 0', 'layer 0: experts per token',
+                                                         'layer 1', 'layer 1: experts per token']
+    shown = {layer: rows[2 * layer + 1].split('   <- ')[0] for layer in (0, 1)}
+    # the oracle: the model on each prefix (its last block_size tokens, as generation feeds
+    # them), its last token's kept pairs counted one by one. The text row starts at the
+    # prompt's last character: prefix i is 'a' + text[:i + 1]
+    checkpoint = torch.load(out_dir / 'ckpt.pt', weights_only=True)
+    model = GPT(GPTConfig(**checkpoint['model_args']))
+    model.load_state_dict(checkpoint['model'])
+    model.eval()
+    with open(os.path.join(tiny_data, 'meta.pkl'), 'rb') as f:
+        stoi = pickle.load(f)['stoi']
+    ids = [stoi['a']] + [stoi['\n' if c == mark else c] for c in text_row]
+    expected = {0: '', 1: ''}
+    with torch.no_grad():
+        for i in range(len(text_row)):
+            prefix = ids[:i + 2][-model.config.block_size:]
+            routings = model(torch.tensor([prefix]))[3]
+            last = len(prefix) - 1  # the token index of the prefix's last token (one sequence)
+            for layer, r in routings.items():
+                n = sum(1 for t, k in zip(r.token_idx.tolist(), r.kept.tolist()) if t == last and k)
+                expected[layer] += str(n)
+    assert shown == expected and len(text_row) == 20
+    assert set(shown[0] + shown[1]) <= set('1234')  # top-p keeps 1 to max_k = 4 experts
 
 
 def test_a_steps_time_leaves_out_its_eval(tiny_data, tmp_path):
