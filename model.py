@@ -270,12 +270,14 @@ class GPT(nn.Module):
         """After the optimizer step of iteration iter_num: tell every router, with its layer's
         assignment counts over the global batch (load_counts: {layer: [E]}). A router that
         sees every layer (ReMoE, whose sparsity target is the whole model's) gets the mean of
-        the MoE layers' counts instead, the same in every layer."""
+        the MoE layers' counts instead, the same in every layer. Then the next global batch
+        begins (balance_scope='global' counts it afresh)."""
         layers = self.moe_layers()
         if any(moe.router.sees_every_layer for _, moe in layers):
             mean_counts = torch.stack([load_counts[layer].float() for layer, _ in layers]).mean(dim=0)
         for layer, moe in layers:
             moe.router.step_finished(iter_num, mean_counts if moe.router.sees_every_layer else load_counts[layer])
+            moe.router.start_global_batch()
 
     def forward(self, idx, targets=None, keep_expert_out=False):
         """Returns (logits, lm_loss, router_losses, routings):

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -104,6 +105,10 @@ class Routing:
 # Every routing setting
 
 
+# where the Switch balance loss takes its counts (RouterConfig.balance_scope), for messages
+BALANCE_SCOPES = {'batch': 'over each micro-batch', 'sequence': 'per sequence', 'global': 'over the global batch'}
+
+
 @dataclass
 class RouterConfig:
     """The routing settings, each with its default and its source. GPTConfig (model.py)
@@ -121,9 +126,12 @@ class RouterConfig:
     renormalize: Optional[bool] = None  # top-k weights divided by their sum (Mixtral) or not (OLMoE)
     # losses by coefficient, None = the router's default (see each class and the README's table)
     aux_loss_coef: Optional[float] = None  # Switch balance loss, Fedus et al. 2021 sec. 2.2
-    # the balance loss per sequence, averaged over the batch (DeepSeekMoE's sequence-wise
-    # balance loss, which Guo et al.'s released configs train with); False = over the batch
-    aux_loss_per_sequence: bool = False
+    # the tokens the balance loss counts (Router.standard_losses): 'batch' = each micro-batch;
+    # 'sequence' = each sequence, averaged (DeepSeekMoE's sequence-wise loss, which Guo et al.'s
+    # released configs train with); 'global' = f over the global batch, all micro-steps and DDP
+    # ranks (Qiu et al. 2025, arXiv 2501.11873, Qwen3's MoE), P over the micro-batch
+    balance_scope: str = 'batch'
+    aux_loss_per_sequence: bool = False  # True = balance_scope='sequence', its older name (old configs)
     z_loss_coef: Optional[float] = None  # router z-loss, Zoph et al. 2022 (ST-MoE) sec. 3.1
     var_loss_coef: Optional[float] = None  # gamma of Guo et al. 2025: variance of each token's routing softmax
     ortho_loss_coef: Optional[float] = None  # beta of Guo et al. 2025: orthogonality of the selected experts' outputs
@@ -169,6 +177,7 @@ class RouterConfig:
             raise ValueError(f"unknown router {self.router!r}; available: {', '.join(sorted(ROUTERS))}")
         if self.gatepro_penalty_on not in ('logits', 'probs'):
             raise ValueError(f"gatepro_penalty_on={self.gatepro_penalty_on!r} must be 'logits' or 'probs'")
+        scope_given = self.read_balance_scope()
         self.check_variable_k_settings()
         if self.n_exp <= 1:
             return  # a dense model: no router is built
@@ -197,10 +206,26 @@ class RouterConfig:
             self.eval_capacity_factor = self.capacity_factor
         if self.ortho_loss_target is not None or self.ortho_loss_coef > 0:
             self.check_ortho_loss(router_class)
-        if self.aux_loss_per_sequence and not issubclass(router_class, TopKRouter):
-            top_k_routers = ', '.join(name for name, cls in ROUTERS.items() if issubclass(cls, TopKRouter))
-            raise ValueError(f"aux_loss_per_sequence=True: router {self.router!r} has no Switch balance loss "
-                             f"to take per sequence; use one of {top_k_routers}")
+        if self.balance_scope not in ('batch', *router_class.balance_scopes):
+            able = ', '.join(name for name, cls in ROUTERS.items() if self.balance_scope in cls.balance_scopes)
+            raise ValueError(f"{scope_given}: router {self.router!r} has no Switch balance loss to take "
+                             f"{BALANCE_SCOPES[self.balance_scope]}; use one of {able} (or balance_scope='batch')")
+
+    def read_balance_scope(self):
+        """balance_scope, checked, with aux_loss_per_sequence=True read as 'sequence' (configs and
+        checkpoints written before balance_scope). The two fields then agree, so a run started
+        from a checkpoint can replace either (replaced_by). Returns the setting as the user gave it."""
+        if self.balance_scope not in BALANCE_SCOPES:
+            raise ValueError(f"balance_scope={self.balance_scope!r} must be one of "
+                             f"{', '.join(map(repr, BALANCE_SCOPES))}; e.g. --balance_scope=global")
+        if self.aux_loss_per_sequence:
+            if self.balance_scope == 'global':
+                raise ValueError("aux_loss_per_sequence=True and balance_scope='global' contradict each other; "
+                                 "drop --aux_loss_per_sequence (it means balance_scope='sequence')")
+            self.balance_scope = 'sequence'
+            return "aux_loss_per_sequence=True"
+        self.aux_loss_per_sequence = self.balance_scope == 'sequence'
+        return f"balance_scope={self.balance_scope!r}"
 
     def check_variable_k_settings(self):
         """The settings of topp, remoe and null experts that are wrong whatever the router."""
@@ -238,9 +263,10 @@ class RouterConfig:
             if not issubclass(router_class, TopKRouter):
                 raise ValueError(f"n_null_exp={self.n_null_exp}: null experts are for the top-k softmax routers "
                                  f"({top_k_routers}), not {self.router!r}; use one of them or --n_null_exp=0")
-            if self.aux_loss_per_sequence:
-                raise ValueError(f"n_null_exp={self.n_null_exp} with aux_loss_per_sequence=True: the per-sequence "
-                                 f"loss has no weight for null experts; use aux_loss_per_sequence=False")
+            if self.balance_scope == 'sequence':
+                raise ValueError(f"n_null_exp={self.n_null_exp} with balance_scope='sequence' (or "
+                                 f"aux_loss_per_sequence=True): the per-sequence loss has no weight for null experts; "
+                                 f"use balance_scope='batch' or 'global'")
 
     def check_loss_targets(self, router_class):
         """The coefficients that a target will set (left None here, the router calibrates them):
@@ -287,7 +313,8 @@ class RouterConfig:
         """The settings that the ones given replace when a run starts from trained weights
         with the same router (checkpoint.starting_point keeps the source's others): a loss
         target replaces the source's coefficient of that loss, and a coefficient its target."""
-        pairs = {'var_loss_coef': 'var_loss_target', 'ortho_loss_coef': 'ortho_loss_target'}
+        pairs = {'var_loss_coef': 'var_loss_target', 'ortho_loss_coef': 'ortho_loss_target',
+                 'balance_scope': 'aux_loss_per_sequence'}
         pairs.update({target: coef for coef, target in pairs.items()})
         return {pairs[name] for name in given if name in pairs}
 
@@ -309,8 +336,8 @@ class RouterConfig:
             if getattr(self, target_name, None) is not None:  # the coefficient is not known before step 0
                 losses.append(f"{target_name} {getattr(self, target_name):g}")
             elif getattr(self, name):
-                per_sequence = ' per sequence' if name == 'aux_loss_coef' and self.aux_loss_per_sequence else ''
-                losses.append(f"{name} {getattr(self, name)}{per_sequence}")
+                scope = {'sequence': ' per sequence', 'global': ' over the global batch'}.get(self.balance_scope, '')
+                losses.append(f"{name} {getattr(self, name)}{scope if name == 'aux_loss_coef' else ''}")
         return f"{self.router}, {self.n_exp} experts, {choice}; losses: {', '.join(losses) or 'none'}"
 
 
@@ -360,6 +387,28 @@ def sequence_balance_loss(scores, topk_idx, seq_len):
     # clamp: a token whose scores are all below fp32's smallest normal (logits below about -87) would divide 0 by 0
     P = (scores / scores.sum(dim=-1, keepdim=True).clamp(min=TINY)).view(-1, seq_len, n_exp).mean(dim=1)  # [B, E]
     return (f * P).sum(dim=-1).mean()
+
+
+def global_balance_loss(probs, counts, eta=None):
+    """The global-batch balance loss of Qiu et al. 2025 (arXiv 2501.11873, "Demons in the
+    Detail", used in Qwen3's MoE): switch_aux_loss with f counted over the global batch
+    (every micro-step of the optimizer step, every DDP rank), P over this micro-batch:
+
+        L_aux = E * sum_i eta_i * f_i * P_i,   f_i = counts_i / sum_j counts_j
+                                               P_i = mean over the N tokens of probs[:, i]
+
+    probs [N, E]: this micro-batch's full softmax (E: every scored expert, null ones too);
+    counts [E]: assignments per expert, from more tokens than probs (Router.global_batch_counts),
+    no gradient; eta [E]: a weight per expert (null experts: null_balance_weights), None = 1.
+    The gradient flows through P only. With the micro-batch's own counts
+    it is switch_aux_loss. A micro-batch holds a few sequences, often of one domain: asked
+    to balance within it, the router spreads a code sequence over every expert. Asked to
+    balance the global batch, an expert may take most of the code as long as the whole
+    batch is balanced, and the paper finds experts that specialise by domain."""
+    counts = counts.to(probs.dtype)
+    f = counts / counts.sum().clamp(min=1)
+    weighted = f * probs.mean(dim=0)
+    return probs.size(-1) * torch.sum(weighted if eta is None else eta * weighted)
 
 
 def z_loss(logits):
@@ -499,9 +548,15 @@ def null_balance_loss(probs, expert_idx, n_exp, tau):
     n_scored = probs.size(-1)
     counts = expert_counts(expert_idx, n_scored).to(probs.dtype)
     f = counts / counts.sum().clamp(min=1)
-    eta = torch.ones(n_scored, dtype=probs.dtype, device=probs.device)
+    return n_scored * torch.sum(null_balance_weights(probs, n_exp, tau) * f * probs.mean(dim=0))
+
+
+def null_balance_weights(probs, n_exp, tau):
+    """eta [E + M] of MoE++'s balance loss: 1 for the E real experts, tau for the M null ones
+    (probs [N, E + M] gives M, the dtype and the device)."""
+    eta = torch.ones(probs.size(-1), dtype=probs.dtype, device=probs.device)
     eta[n_exp:] = tau
-    return n_scored * torch.sum(eta * f * probs.mean(dim=0))
+    return eta
 
 
 def remoe_l1_loss(gates, top_k, balanced=True):
@@ -588,6 +643,8 @@ class Router(nn.Module):
       step_finished(iter_num, load_counts): after each optimizer step, with this layer's
           assignment counts [E] summed over the global batch (all micro-steps, all ranks);
           for a router whose Routing gives active_gates (ReMoE), those counts instead
+      start_global_batch(): after each optimizer step too: balance_scope='global' counts
+          the next global batch from zero
 
     Class attributes that RouterConfig and the model read:
       fixed          settings this router cannot do without (switch: top_k=1)
@@ -598,6 +655,7 @@ class Router(nn.Module):
                      experts are sized with it): 'top_k', or expert choice's 'capacity_factor'
       sees_every_layer  step_finished gets the mean of every MoE layer's counts, not its
                      layer's own (ReMoE holds the sparsity of the whole model)
+      balance_scopes the balance_scope values beyond 'batch' its Switch balance loss can take
       loss_settings  the coefficients of the losses it can train with (for the log line)
     """
     fixed = {}
@@ -606,6 +664,7 @@ class Router(nn.Module):
     variable_k = False
     sized_by = 'top_k'
     sees_every_layer = False
+    balance_scopes = ()
     loss_settings = ('aux_loss_coef', 'z_loss_coef', 'var_loss_coef', 'ortho_loss_coef')
 
     @classmethod
@@ -622,7 +681,12 @@ class Router(nn.Module):
         self.capacity_factor = config.capacity_factor
         self.eval_capacity_factor = config.eval_capacity_factor
         self.aux_loss_coef = config.aux_loss_coef
-        self.aux_loss_per_sequence = config.aux_loss_per_sequence
+        self.balance_scope = config.balance_scope
+        if self.balance_scope == 'global':
+            # assignments per scored expert since the last optimizer step, all ranks: emptied after
+            # each step (start_global_batch), so never checkpointed (saves happen between steps)
+            self.register_buffer('global_counts', torch.zeros(config.n_exp + config.n_null_exp, dtype=torch.long),
+                                 persistent=False)
         self.z_loss_coef = config.z_loss_coef
         self.var_loss_coef = config.var_loss_coef
         self.ortho_loss_coef = config.ortho_loss_coef
@@ -643,22 +707,30 @@ class Router(nn.Module):
     def standard_losses(self, logits, probs, expert_idx, seq_len=None, used=None):
         """The losses switched on by coefficient. probs=None: this router balances its load
         another way (expert choice, DeepSeek-V3's bias), so no Switch balance loss.
-        aux_loss_per_sequence: the same E * sum_i f_i P_i, but f and P counted within each
-        sequence of seq_len tokens and the B results averaged (DeepSeekMoE, arXiv 2401.06066,
-        and DeepSeek-V3 eqs. 17-20: sequence_balance_loss below). A batch can be balanced
-        while each sequence leans on a few experts; this form asks every sequence to spread.
-        expert_idx must then hold exactly top_k pairs per token, choice-major.
         With null experts the balance loss is MoE++'s (null_balance_loss: logits, probs and
         expert_idx over all E + M scored experts); with empty slots (used [P], topp) f counts
-        the assignments made (selected_balance_loss)."""
+        the assignments made (selected_balance_loss). balance_scope, the tokens it counts:
+        'batch': E * sum_i f_i P_i over the micro-batch (switch_aux_loss).
+        'sequence': f and P counted within each sequence of seq_len tokens and the B results
+            averaged (DeepSeekMoE, arXiv 2401.06066, and DeepSeek-V3 eqs. 17-20:
+            sequence_balance_loss). A batch can be balanced while each sequence leans on a few
+            experts; this form asks every sequence to spread. expert_idx must then hold
+            exactly top_k pairs per token, choice-major.
+        'global': f over the global batch, P over the micro-batch (global_balance_loss), in
+            training; an eval batch counts itself alone, as 'batch'."""
         losses = {}
         if self.aux_loss_coef > 0 and probs is not None:
-            if self.n_null_exp > 0:
+            if self.balance_scope == 'global' and self.training:
+                # f over the assignments made (used), of every scored expert (null ones included)
+                counts = self.global_batch_counts(expert_counts(expert_idx, probs.size(-1), used))
+                eta = null_balance_weights(probs, self.n_exp, self.null_balance_weight) if self.n_null_exp else None
+                losses['aux'] = self.aux_loss_coef * global_balance_loss(probs, counts, eta)
+            elif self.n_null_exp > 0:
                 losses['aux'] = self.aux_loss_coef * null_balance_loss(probs, expert_idx, self.n_exp,
                                                                        self.null_balance_weight)
             elif used is not None:
                 losses['aux'] = self.aux_loss_coef * selected_balance_loss(probs, expert_idx, used)
-            elif self.aux_loss_per_sequence:
+            elif self.balance_scope == 'sequence':
                 topk_idx = expert_idx.view(self.top_k, -1).t()  # choice-major pairs -> [N, k]
                 # no seq_len given (a router called on its own): the N tokens are one sequence
                 losses['aux'] = self.aux_loss_coef * sequence_balance_loss(probs, topk_idx, seq_len or probs.size(0))
@@ -669,6 +741,29 @@ class Router(nn.Module):
         if self.loss_on('var'):
             losses['var'] = self.scaled_loss('var', variance_loss(logits))
         return losses
+
+    def global_batch_counts(self, counts):
+        """balance_scope='global': the assignment counts [E] of the global batch so far. counts,
+        this micro-batch's, are summed over the DDP ranks (the paper's synchronisation: one
+        all_reduce of E numbers per layer and micro-step, before the loss is formed) and added
+        to the counts of the micro-steps before it in this optimizer step. So at micro-step m
+        f counts micro-steps 1..m of every rank, and the last one the whole global batch.
+        That is this project's reading of the paper's buffer for gradient accumulation (the
+        copies reachable here say only that f is synchronised across micro-batches); it is
+        what Megatron-LM's global_aux_loss computes: counts all-reduced over the data-parallel
+        ranks and summed into a buffer over the micro-batches, emptied once per optimizer step.
+        A functional collective: torch.compile traces it, and nothing is read back to the host.
+        Every rank must run the same training forwards (train.py's loop does)."""
+        if world_size() > 1:
+            counts = funcol.all_reduce(counts, 'sum', dist.group.WORLD)
+        self.global_counts += counts
+        return self.global_counts
+
+    def start_global_batch(self):
+        """After each optimizer step (GPT.step_finished): the global-batch balance loss counts
+        the next global batch from zero."""
+        if self.balance_scope == 'global':
+            self.global_counts.zero_()
 
     def loss_on(self, name):
         """Does this router train with loss `name` ('var', 'ortho'): by a target or a coefficient > 0?"""
@@ -795,6 +890,7 @@ class TopKRouter(Router):
     sends one of two slots to the zero expert gives its real expert weight 1.
     """
     defaults = {'top_k': 2, 'renormalize': True, 'aux_loss_coef': 0.01, 'z_loss_coef': 0.001}
+    balance_scopes = ('sequence', 'global')
 
     def __init__(self, config):
         super().__init__(config)
@@ -1152,6 +1248,7 @@ class TopPRouter(Router):
     defaults = {'top_k': 2, 'renormalize': False, 'aux_loss_coef': 0.01, 'z_loss_coef': 0.0, 'dynamic_loss_coef': 1e-4}
     exactly_top_k = False
     variable_k = True
+    balance_scopes = ('global',)
     loss_settings = Router.loss_settings + ('dynamic_loss_coef',)
 
     @classmethod

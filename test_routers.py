@@ -2,6 +2,7 @@
 the code under test. Every router gets the contract test; each formula its own case."""
 
 import math
+import re
 from dataclasses import replace
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 from checkpoint import load_start_weights
 from metrics import RoutingStats, gate_cos_sim, pair_coactivation
 from model import GPT, GPTConfig
-from routers import (ROUTERS, Routing, TopKRouter, build_router, capacity_keep_mask, dynamic_loss, expert_capacity,
-                     flatten_choices, gatepro_partners, gatepro_penalize, null_balance_loss, ortho_loss,
+from routers import (ROUTERS, RouterConfig, Routing, TopKRouter, build_router, capacity_keep_mask, dynamic_loss,
+                     expert_capacity, flatten_choices, gatepro_partners, gatepro_penalize, global_balance_loss,
+                     null_balance_loss, ortho_loss,
                      remoe_coefficient_step, remoe_l1_loss, selected_balance_loss, sequence_balance_loss,
                      switch_aux_loss, top_p_keep, variance_loss, z_loss)
 
@@ -83,6 +85,144 @@ def test_balance_loss_per_sequence_reads_each_tokens_own_top2():
         routing = router(probs.log(), seq_len=2)
         assert routing.expert_idx.tolist() == [0, 1, 2, 3, 1, 0, 3, 2]  # choice-major, as worked out above
         assert routing.losses['aux'].item() == pytest.approx(0.5 * expected, abs=1e-6), per_sequence
+
+# -----------------------------------------------------------------------------
+# the global-batch balance loss (balance_scope='global')
+
+
+def test_global_balance_loss_by_hand():
+    probs = torch.tensor([[0.8, 0.2], [0.4, 0.6]])  # P = (0.6, 0.4)
+    # counts (1, 3) from more tokens than probs holds: f = (.25, .75) -> 2 * (.25*.6 + .75*.4) = 0.9
+    assert global_balance_loss(probs, torch.tensor([1, 3])).item() == pytest.approx(0.9)
+    # eta = (1, .5): 2 * (.25*.6 + .5*.75*.4) = 2 * .3 = 0.6
+    assert global_balance_loss(probs, torch.tensor([1, 3]), torch.tensor([1.0, 0.5])).item() == pytest.approx(0.6)
+    # the micro-batch's own counts: Switch's loss (both tokens on expert 0: 2 * .6 = 1.2)
+    assert global_balance_loss(probs, torch.tensor([2, 0])).item() == pytest.approx(1.2)
+
+
+def test_global_balance_loss_counts_every_micro_step_of_the_step_so_far():
+    # E = 2, top-1, aux_loss_coef = 1, gate = identity on h = log(probs):
+    #   micro-batch 1: (.9, .1), (.6, .4): both pick expert 0, counts (2, 0), P1 = (.75, .25)
+    #   micro-batch 2: (.2, .8), (.3, .7): both pick expert 1, counts (0, 2), P2 = (.25, .75)
+    # micro-step 1 counts micro-batch 1: f = (1, 0)          -> 2 * .75 = 1.5
+    # micro-step 2 counts both: (2, 2), f = (.5, .5)        -> 2 * (.5*.25 + .5*.75) = 1.0
+    #   (micro-batch 2 alone, f = (0, 1), would give 2 * .75 = 1.5)
+    # the next step starts from zero: micro-batch 2 first   -> 1.5
+    #   then micro-batch 1 with both counted, f = (.5, .5) -> 2 * (.5*.75 + .5*.25) = 1.0
+    router = logit_router('topk', n_exp=2, top_k=1, aux_loss_coef=1.0, z_loss_coef=0.0, balance_scope='global')
+    batch1 = torch.tensor([[0.9, 0.1], [0.6, 0.4]]).log()
+    batch2 = torch.tensor([[0.2, 0.8], [0.3, 0.7]]).log()
+    assert router(batch1).losses['aux'].item() == pytest.approx(1.5)
+    assert router(batch2).losses['aux'].item() == pytest.approx(1.0)
+    # an eval batch counts itself alone and leaves the step's counts as they are
+    assert router.eval()(batch2).losses['aux'].item() == pytest.approx(1.5)
+    assert router.train().global_counts.tolist() == [2, 2]
+    router.start_global_batch()  # after the optimizer step
+    assert router(batch2).losses['aux'].item() == pytest.approx(1.5)
+    h = batch1.clone().requires_grad_()
+    aux = router(h).losses['aux']
+    assert aux.item() == pytest.approx(1.0)
+    # the gradient flows through P alone: that of 2 * sum_i f_i P_i with f = (.5, .5) held fixed
+    aux.backward()
+    expected_h = batch1.clone().requires_grad_()
+    (2 * (torch.tensor([0.5, 0.5]) * expected_h.softmax(dim=-1).mean(dim=0)).sum()).backward()
+    torch.testing.assert_close(h.grad, expected_h.grad)
+
+
+def hand_counts(name, logits, top_k, top_p):
+    """Assignments per scored expert, by a loop over the tokens (not the router's code):
+    the top_k largest logits; topp: the fewest most probable experts whose sum reaches p."""
+    counts = [0] * logits.size(1)
+    for row in logits.tolist():
+        order = sorted(range(len(row)), key=lambda i: -row[i])
+        if name == 'topp':
+            probs = torch.tensor(row).softmax(dim=0).tolist()
+            mass, order_kept = 0.0, []
+            for i in order:
+                if mass >= top_p:
+                    break
+                order_kept.append(i)
+                mass += probs[i]
+            order = order_kept
+        else:
+            order = order[:top_k]
+        for i in order:
+            counts[i] += 1
+    return torch.tensor(counts, dtype=torch.float64)
+
+
+@pytest.mark.parametrize('name, settings', [
+    ('topk', {}),
+    ('switch', {'switch_jitter': 0.0, 'capacity_factor': 1.0}),  # f counts what was asked for, drops included
+    ('topp', {'top_p': 0.5}),
+    ('topk', {'n_null_exp': 2}),
+], ids=['topk', 'switch_capacity', 'topp', 'null_experts'])
+def test_global_balance_loss_of_each_router_that_has_it(name, settings):
+    """Two micro-batches of 16 tokens: micro-step 2's f counts both, by hand from each
+    micro-batch's logits; P is micro-step 2's alone. Null experts: f and P over all E + M,
+    a null expert's term weighed by tau."""
+    torch.manual_seed(3)
+    router = build_router(router_config(router=name, n_embd=8, aux_loss_coef=0.5, balance_scope='global', **settings))
+    top_k, n_scored = router.top_k, router.gate.weight.size(0)
+    eta = torch.tensor([1.0] * 4 + [0.75] * (n_scored - 4), dtype=torch.float64)
+    h1, h2 = torch.randn(16, 8), torch.randn(16, 8)
+    logits1, logits2 = (h.double() @ router.gate.weight.detach().double().t() for h in (h1, h2))
+    counts = hand_counts(name, logits1, top_k, 0.5)
+    for h, logits in ((h1, logits1), (h2, logits2)):
+        aux = router(h).losses['aux']
+        P = logits.softmax(dim=-1).mean(dim=0)
+        expected = 0.5 * n_scored * (eta * counts / counts.sum() * P).sum()
+        assert aux.item() == pytest.approx(expected.item(), rel=1e-5)
+        counts = counts + hand_counts(name, logits2, top_k, 0.5)
+
+
+def test_a_models_step_finished_starts_the_next_global_batch():
+    """In a GPT, micro-step 1 of a step is the batch-scope loss of its micro-batch, micro-step
+    2 is not, and after model.step_finished the next step starts from zero again."""
+    def model_of(scope):
+        torch.manual_seed(0)
+        return GPT(router_config(n_layer=2, n_embd=16, top_k=2, balance_scope=scope))
+
+    scoped, batch = model_of('global'), model_of('batch')
+    X1, X2 = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
+    aux = lambda model, X: model(X, X)[2]['aux'].item()
+    assert aux(scoped, X1) == aux(batch, X1)
+    assert aux(scoped, X2) != pytest.approx(aux(batch, X2), rel=1e-4)
+    scoped.step_finished(0, {layer: torch.zeros(4, dtype=torch.long) for layer, _ in scoped.moe_layers()})
+    assert aux(scoped, X2) == aux(batch, X2)
+    assert 'global_counts' not in str(scoped.state_dict().keys())  # never in a checkpoint
+
+
+def test_balance_scope_settings():
+    assert router_config(balance_scope='global').balance_scope == 'global'
+    assert 'aux_loss_coef 0.01 over the global batch' in router_config(balance_scope='global').describe()
+    # the older name: read as 'sequence', and the two fields agree whichever was given
+    old, new = router_config(aux_loss_per_sequence=True), router_config(balance_scope='sequence')
+    assert (old.balance_scope, old.aux_loss_per_sequence) == (new.balance_scope, new.aux_loss_per_sequence) == \
+        ('sequence', True)
+    assert 'aux_loss_coef 0.01 per sequence' in new.describe()
+    assert router_config(router='topp', n_null_exp=0, balance_scope='global').balance_scope == 'global'
+    assert router_config(n_null_exp=2, balance_scope='global').balance_scope == 'global'
+    # a run from trained weights that gives one of the two replaces the source's other
+    assert RouterConfig.replaced_by({'balance_scope'}) == {'aux_loss_per_sequence'}
+    assert RouterConfig.replaced_by({'aux_loss_per_sequence'}) == {'balance_scope'}
+
+
+@pytest.mark.parametrize('bad, message', [
+    (dict(balance_scope='micro'), "balance_scope='micro' must be one of 'batch', 'sequence', 'global'"),
+    (dict(balance_scope='global', aux_loss_per_sequence=True), "contradict each other; drop --aux_loss_per_seq"),
+    (dict(router='expert_choice', balance_scope='global'),
+     "balance_scope='global': router 'expert_choice' has no Switch balance loss to take over the global batch; "
+     "use one of topk, gatepro, ortho_var, switch, noisy_topk, topp"),
+    (dict(router='aux_free', balance_scope='global'), "router 'aux_free' has no Switch balance loss"),
+    (dict(router='remoe', balance_scope='global'), "router 'remoe' has no Switch balance loss"),
+    (dict(router='hash', balance_scope='sequence'), "router 'hash' has no Switch balance loss to take per sequence"),
+    (dict(router='topp', balance_scope='sequence'), "router 'topp' has no Switch balance loss to take per sequence"),
+    (dict(n_null_exp=2, balance_scope='sequence'), 'the per-sequence loss has no weight for null experts'),
+])
+def test_balance_scopes_that_cannot_work_are_errors(bad, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        router_config(**bad)
 
 
 def test_z_loss_by_hand():

@@ -340,16 +340,21 @@ ROUTER_ARGS = {
 }
 
 
+# and the global-batch balance loss, whose counts over the micro-steps are never checkpointed
+RESUME_CASES = {**{router: [f'--router={router}', *args] for router, args in ROUTER_ARGS.items()},
+                'topk_global': ['--router=topk', '--top_k=2', '--balance_scope=global']}
+
+
 def test_resume_covers_every_router():
     assert set(ROUTER_ARGS) == set(ROUTERS)
 
 
-@pytest.mark.parametrize('router', sorted(ROUTER_ARGS))
-def test_resume_repeats_the_straight_run_bit_for_bit(runner, tiny_data, tmp_path, router):
+@pytest.mark.parametrize('case', sorted(RESUME_CASES))
+def test_resume_repeats_the_straight_run_bit_for_bit(runner, tiny_data, tmp_path, case):
     """2N iterations in one run, and N then --init_from=resume for N more, log the same
     metrics.jsonl line for line (timings aside): losses, router losses and routing metrics
     as exact floats. With gradient accumulation, dropout and each router's noise."""
-    args = [*TINY, f'--data_dir={tiny_data}', f'--router={router}', *ROUTER_ARGS[router], '--dropout=0.1',
+    args = [*TINY, f'--data_dir={tiny_data}', *RESUME_CASES[case], '--dropout=0.1',
             '--gradient_accumulation_steps=2', f'--eval_interval={N}', '--always_save_checkpoint=True']
     straight, split = tmp_path / 'straight', tmp_path / 'split'
     result = runner.run([*args, f'--out_dir={straight}', f'--max_iters={2 * N}'])
@@ -358,7 +363,7 @@ def test_resume_repeats_the_straight_run_bit_for_bit(runner, tiny_data, tmp_path
     assert result.returncode == 0, result.stderr
     at_n = torch.load(split / 'ckpt.pt', weights_only=True)
     assert at_n['iter_num'] == N
-    if router == 'aux_free':  # the bias the resumed run must pick up has moved
+    if case == 'aux_free':  # the bias the resumed run must pick up has moved
         assert any(v.abs().sum() > 0 for k, v in at_n['model'].items() if k.endswith('expert_bias'))
     result = runner.run([*args, f'--out_dir={split}', f'--max_iters={2 * N}', '--init_from=resume'])
     assert result.returncode == 0, result.stderr
@@ -377,6 +382,41 @@ def test_resume_repeats_the_straight_run_bit_for_bit(runner, tiny_data, tmp_path
     for key in a['model']:  # weights, router buffers and GatePro's count: the same at the end
         assert torch.equal(a['model'][key], b['model'][key]) if torch.is_tensor(a['model'][key]) \
             else a['model'][key] == b['model'][key], key
+
+
+def test_a_checkpoint_from_before_balance_scope_resumes_and_starts_new_runs(runner, tiny_data, tmp_path):
+    """A checkpoint written before balance_scope holds aux_loss_per_sequence=True and no
+    balance_scope. Resumed with its old command line it goes on per sequence, logging what a
+    straight run with balance_scope='sequence' logs; a new run from its weights (same router)
+    takes the per-sequence loss from it, unless it gives balance_scope, which then rules."""
+    args = [*TINY, f'--data_dir={tiny_data}', '--router=topk', '--top_k=2', '--gradient_accumulation_steps=2',
+            f'--eval_interval={N}', '--always_save_checkpoint=True']
+    old, straight = tmp_path / 'old', tmp_path / 'straight'
+    result = runner.run([*args, '--aux_loss_per_sequence=True', f'--out_dir={old}', f'--max_iters={N}'])
+    assert result.returncode == 0, result.stderr
+    checkpoint = torch.load(old / 'ckpt.pt', weights_only=True)
+    # as it was written before balance_scope existed (the config as given, the model's as read)
+    assert checkpoint['config'].pop('balance_scope') == 'batch'
+    assert checkpoint['model_args'].pop('balance_scope') == 'sequence'
+    assert checkpoint['model_args']['aux_loss_per_sequence'] is True
+    save_checkpoint(checkpoint, str(old / 'ckpt.pt'))
+
+    for given, scope in (([], 'per sequence'), (['--balance_scope=global'], 'over the global batch')):
+        result = runner.run([*args, f'--init_from={old / "ckpt.pt"}', f'--out_dir={tmp_path / "new"}',
+                             '--max_iters=1', '--overwrite_out_dir=True', *given])
+        assert result.returncode == 0, result.stderr
+        assert f'aux_loss_coef 0.01 {scope}' in result.stdout, given
+
+    result = runner.run([*args, '--aux_loss_per_sequence=True', f'--out_dir={old}', f'--max_iters={2 * N}',
+                         '--init_from=resume'])
+    assert result.returncode == 0, result.stderr
+    assert 'aux_loss_coef 0.01 per sequence' in result.stdout
+    result = runner.run([*args, '--balance_scope=sequence', f'--out_dir={straight}', f'--max_iters={2 * N}'])
+    assert result.returncode == 0, result.stderr
+    expected, got = records(straight), records(old)
+    assert len(got) == len(expected) == 2 * N + 3
+    for e, g in zip(expected, got):
+        assert without_times(e) == without_times(g), (e['split'], e['iter'])
 
 
 # -----------------------------------------------------------------------------

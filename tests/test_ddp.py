@@ -1,6 +1,7 @@
 """DDP on the CPU: `torchrun --standalone --nproc_per_node=2 train.py --device=cpu` (gloo)
 against one process that takes the same global batch through gradient accumulation."""
 
+import json
 import os
 import subprocess
 import sys
@@ -231,3 +232,64 @@ def test_a_step_that_logs_nothing_sums_remoes_positive_gates_over_the_ranks(monk
     assert stats.load_counts()[1].tolist() == [101, 101, 100, 101]  # the used slots: experts 0, 1, 3
     assert stats.router_counts()[1].tolist() == [101, 101, 101, 102]  # its positive gates (1, 1, 1, 2) + 100
     assert stats.router_counts()[0].tolist() == [100, 100, 102, 100]  # top-1 learns from its load
+
+
+# -----------------------------------------------------------------------------
+# the global-batch balance loss: f counts every rank's micro-batch
+
+GLOBAL_BALANCE_CHECK = '''
+import json, sys
+import torch
+import torch.distributed as dist
+from model import GPTConfig
+from routers import build_router
+
+dist.init_process_group('gloo')
+rank = dist.get_rank()
+# E = 2, top-1, aux_loss_coef = 1, gate = identity on h = log(probs): each rank's micro-batches
+batches = {0: [[[0.9, 0.1], [0.6, 0.4]], [[0.7, 0.3], [0.4, 0.6]]],
+           1: [[[0.2, 0.8], [0.3, 0.7]], [[0.8, 0.2], [0.9, 0.1]]]}[rank]
+router = build_router(GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=1, n_embd=2, n_exp=2, top_k=1,
+                                aux_loss_coef=1.0, z_loss_coef=0.0, balance_scope='global'))
+with torch.no_grad():
+    router.gate.weight.copy_(torch.eye(2))
+compiled = torch.compile(router, fullgraph=True, backend='eager')  # a graph break would be an error
+losses = {}
+for name, run in (('eager', router), ('compiled', compiled)):
+    losses[name] = [run(torch.tensor(probs).log()).losses['aux'].item() for probs in batches]
+    router.start_global_batch()  # the optimizer step between
+    losses[name].append(run(torch.tensor(batches[0]).log()).losses['aux'].item())  # the next step's first
+    router.start_global_batch()
+gathered = [None, None]
+dist.all_gather_object(gathered, losses)
+if rank == 0:
+    with open(sys.argv[1], 'w') as f:
+        json.dump(gathered, f)
+dist.destroy_process_group()
+'''
+
+
+def test_the_global_balance_loss_counts_every_ranks_micro_batches(tmp_path):
+    """Two ranks (gloo), two micro-steps each: at micro-step m every rank's f counts
+    micro-steps 1..m of both ranks, P its own micro-batch; the all_reduce is a functional
+    collective, so the router also compiles under DDP without a graph break."""
+    script, out = tmp_path / 'global_balance.py', tmp_path / 'losses.json'
+    script.write_text(GLOBAL_BALANCE_CHECK)
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                             str(script), str(out)], capture_output=True, text=True, timeout=120, cwd=REPO,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': REPO})
+    assert result.returncode == 0, result.stderr[-3000:]
+    # micro-step 1: rank 0 (.9, .1), (.6, .4): experts 0, 0, P = (.75, .25)
+    #               rank 1 (.2, .8), (.3, .7): experts 1, 1, P = (.25, .75)
+    #   counts (2, 2), f = (.5, .5): rank 0 2 * (.5*.75 + .5*.25) = 1.0, rank 1 the same
+    #   (each rank's own micro-batch alone: f = (1, 0) or (0, 1), 2 * .75 = 1.5 on both)
+    # micro-step 2: rank 0 (.7, .3), (.4, .6): experts 0, 1, P = (.55, .45)
+    #               rank 1 (.8, .2), (.9, .1): experts 0, 0, P = (.85, .15)
+    #   counts (2, 2) + (3, 1) = (5, 3), f = (5/8, 3/8): rank 0 2 * (5/8*.55 + 3/8*.45) = 1.025
+    #                                                    rank 1 2 * (5/8*.85 + 3/8*.15) = 1.175
+    # the next step's micro-step 1 (the buffer emptied): 1.0 again on both
+    expected = [[1.0, 1.025, 1.0], [1.0, 1.175, 1.0]]
+    gathered = json.loads(out.read_text())
+    for rank, losses in enumerate(gathered):
+        for name in ('eager', 'compiled'):
+            assert losses[name] == pytest.approx(expected[rank], abs=1e-6), (rank, name)

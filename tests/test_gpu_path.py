@@ -25,8 +25,8 @@ from test_routers import router_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, above tests/
 needs_grouped_mm = pytest.mark.skipif(grouped_mm is None, reason=f"torch {torch.__version__} has no grouped_mm")
 
-# every router; capacity dropping in routers that are dropless by default; null experts; and
-# the variable-k routers with a cap that binds
+# every router; capacity dropping in routers that are dropless by default; null experts; the
+# variable-k routers with a cap that binds; the global-batch balance loss
 EXTRA_CASES = {
     'topk_capacity': ('topk', {'capacity_factor': 1.0}),
     'aux_free_capacity': ('aux_free', {'capacity_factor': 1.0}),
@@ -34,6 +34,10 @@ EXTRA_CASES = {
     'switch_null': ('switch', {'n_null_exp': 1}),  # top-1 with a capacity: a null slot takes no room
     'topp_capped': ('topp', {'max_k': 2, 'top_p': 0.9}),
     'remoe_capped': ('remoe', {'max_k': 2}),
+    # the global-batch balance loss: its counts accumulate in a buffer over the micro-steps
+    'topk_global': ('topk', {'balance_scope': 'global'}),
+    'topp_global': ('topp', {'balance_scope': 'global'}),
+    'switch_null_global': ('switch', {'n_null_exp': 1, 'balance_scope': 'global'}),
 }
 CASES = [(name, {}) for name in sorted(ROUTERS)] + list(EXTRA_CASES.values())
 CASE_IDS = sorted(ROUTERS) + list(EXTRA_CASES)

@@ -264,6 +264,7 @@ def test_resume_errors_write_nothing(tiny_data, tmp_path):
     (['--block_size=5000'], ['block_size=5000', 'lower --block_size']),
     (['--router=nope'], ["unknown router 'nope'", 'topk']),
     (['--router=switch'], ["router 'switch' needs top_k=1, got top_k=2", 'drop --top_k']),  # TINY sets top_k=2
+    (['--router=remoe', '--balance_scope=global'], ["balance_scope='global': router 'remoe' has no Switch balance"]),
     (['--lerning_rate=0.1'], ["'lerning_rate'", 'learning_rate']),
     (['--max_iters=ten'], ['max_iters expects int', "'ten'"]),
     (['--EVAL=3'], ["unknown config key 'EVAL'"]),  # a constant train.py imports is not a setting
