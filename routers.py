@@ -749,9 +749,10 @@ class Router(nn.Module):
         to the counts of the micro-steps before it in this optimizer step. So at micro-step m
         f counts micro-steps 1..m of every rank, and the last one the whole global batch.
         That is this project's reading of the paper's buffer for gradient accumulation (the
-        copies reachable here say only that f is synchronised across micro-batches); it is
-        what Megatron-LM's global_aux_loss computes: counts all-reduced over the data-parallel
-        ranks and summed into a buffer over the micro-batches, emptied once per optimizer step.
+        copies reachable here say only that f is synchronised across micro-batches); for top-k
+        routing it is what Megatron-LM's global_aux_loss computes: counts all-reduced over the
+        data-parallel ranks, summed into a buffer over the micro-batches, emptied once per
+        optimizer step.
         A functional collective: torch.compile traces it, and nothing is read back to the host.
         Every rank must run the same training forwards (train.py's loop does)."""
         if world_size() > 1:
