@@ -190,7 +190,8 @@ def test_a_topp_run_counts_the_experts_that_ran_and_sample_shows_them(runner, ti
     legend = next(i for i, line in enumerate(lines) if line.startswith('(a newline shows as '))
     assert "how many experts it took in the layer: 0-9, '+' beyond" in lines[legend]
     mark = lines[legend].split('(a newline shows as ')[1][0]
-    text_row, rows = lines[legend + 1], lines[legend + 2:legend + 6]
+    prompt = next(i for i, line in enumerate(lines) if line.startswith('prompt '))  # the legend is printed once
+    text_row, rows = lines[prompt + 1], lines[prompt + 2:prompt + 6]
     assert [row.split('   <- ')[1] for row in rows] == ['layer 0', 'layer 0: experts per token',
                                                          'layer 1', 'layer 1: experts per token']
     shown = {layer: rows[2 * layer + 1].split('   <- ')[0] for layer in (0, 1)}
