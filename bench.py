@@ -29,7 +29,9 @@ at every count:
   gatepro_overhead    step time of the gatepro router / topk, fwd+bwd                  (target <= 1.05)
   metrics_overhead    topk step time with every routing metric (RoutingStats, summary) every step / without  (target <= 1.05)
   memory_scaling      peak memory of one MoE fwd+bwd at 2x the tokens / at 1x           (target <= 2.1)
-  routers             tokens/s of every router in routers.ROUTERS and its ratio to topk
+  routers             tokens/s of every router in routers.ROUTERS and its ratio to topk, and
+                      topp-2: top-p with p = 0.28, 2 experts a token on average (the untrained
+                      router is nearly uniform): top-p at top-2's compute
 The router, metrics and memory rows run once, at the last thread count of `threads`.
 
 The dense twin has the same attention; its MLP is d -> 4d -> d, and each of the top_k
@@ -698,6 +700,11 @@ for name in ROUTERS:
         print(f"router {name}: not benchmarked: {e}")
         continue
     cases[name] = lambda m=router_models[name]: train_step(m)
+# top-p at top-2's compute: this bench's routers are untrained, nearly uniform, so the default
+# p = .4 keeps about 4 experts a token; p = .28 keeps 1.99 on average over the 4 layers of
+# this bench's CPU model (measured: its forward on the bench's batch, routing.experts_per_token)
+router_models['topp-2'] = build(n_exp=n_exp, router='topp', top_p=0.28, top_k=top_k)[0]
+cases['topp-2'] = lambda m=router_models['topp-2']: train_step(m)
 cases['topk+metrics'] = lambda m=router_models['topk']: train_step(m, stats=RoutingStats())
 times = interleaved(cases, router_steps)
 print(f"\n{'router':<14} {'fwd+bwd ms':>10} {'tok/s':>8} {'vs topk':>8}")

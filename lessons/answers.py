@@ -42,7 +42,8 @@ import plot  # noqa: E402  (read_metrics)
 
 # each lesson's command, python compare.py CONFIG, run in the runs' folder
 CONFIGS = {1: 'config/lesson_base.py', 2: 'config/lesson2_balance.py', 3: 'config/lesson3_aux_free.py',
-           4: 'config/lesson4_capacity.py', 5: 'config/lesson5_gatepro.py', 6: 'config/lesson6_seeds.py'}
+           4: 'config/lesson4_capacity.py', 5: 'config/lesson5_gatepro.py', 6: 'config/lesson6_seeds.py',
+           8: 'config/lesson8_dynamic_k.py'}
 SEEDS = (1337, 1338, 1339)  # lesson 6's
 
 
@@ -92,6 +93,21 @@ def first_train(runs, lesson, row):
     return next(line for line in runs.lines(lesson, row) if line['split'] == 'train')
 
 
+def train_at(runs, lesson, row, iteration):
+    return next(line for line in runs.lines(lesson, row) if line['split'] == 'train' and line['iter'] == iteration)
+
+
+def by_label(line, index, key, label):
+    """A per-label number of layer `index` (e.g. experts_per_token_by_label) for one label."""
+    return line['layers'][index][key][line['label_names'].index(label)]
+
+
+def no_expert_share(line, index):
+    """Percent of the eval's tokens that took no expert in layer `index`."""
+    histogram = line['layers'][index]['experts_per_token_histogram']
+    return 100 * histogram[0] / sum(histogram)
+
+
 def paired(runs, each=False):
     """topk's val loss minus ortho_var's, seed by seed (lesson 6): (mean, std), or the list."""
     gaps = [runs.stats(6, 'topk', seed)['val_loss'] - runs.stats(6, 'ortho_var', seed)['val_loss'] for seed in SEEDS]
@@ -120,6 +136,7 @@ TOLERANCES = {
     'overlap': (0, 0.02),  # 0.003
     'routing_variance': (0.2, 0.001),  # 3% of the value
     'count': (0, 0),
+    'experts': (0, 0.15),  # experts per token
 }
 
 
@@ -212,6 +229,22 @@ MEASURES = {
     'l6.paired_gap': M(6, lambda r: paired(r)[0], 'val_loss'),
     'l6.paired_gap.sd': M(6, lambda r: paired(r)[1], 'spread'),
     'l6.paired_lower': M(6, lambda r: sum(gap > 0 for gap in paired(r, each=True)), 'count'),
+    # lesson 8: top-2, top-p (p = .4) and ReMoE
+    'l8.val_loss.topk': M(8, lambda r: r.stats(8, 'topk')['val_loss'], 'val_loss'),
+    'l8.val_loss.topp': M(8, lambda r: r.stats(8, 'topp')['val_loss'], 'val_loss'),
+    'l8.val_loss.remoe': M(8, lambda r: r.stats(8, 'remoe')['val_loss'], 'val_loss'),
+    'l8.ept.topp': M(8, lambda r: r.stats(8, 'topp')['experts_per_token'], 'experts'),
+    'l8.ept.remoe': M(8, lambda r: r.stats(8, 'remoe')['experts_per_token'], 'experts'),
+    'l8.ept.layer0.topp': M(8, lambda r: layer(r.val(8, 'topp'), 0, 'experts_per_token'), 'experts'),
+    'l8.ept.layer1.topp': M(8, lambda r: layer(r.val(8, 'topp'), 1, 'experts_per_token'), 'experts'),
+    'l8.ept.layer0.remoe': M(8, lambda r: layer(r.val(8, 'remoe'), 0, 'experts_per_token'), 'experts'),
+    'l8.ept.layer1.remoe': M(8, lambda r: layer(r.val(8, 'remoe'), 1, 'experts_per_token'), 'experts'),
+    'l8.ept0.topp': M(8, lambda r: layers_mean(first_train(r, 8, 'topp'), 'experts_per_token'), 'step0'),
+    'l8.ept50.remoe': M(8, lambda r: layers_mean(train_at(r, 8, 'remoe', 50), 'experts_per_token'), 'experts'),
+    'l8.ept100.remoe': M(8, lambda r: layers_mean(train_at(r, 8, 'remoe', 100), 'experts_per_token'), 'experts'),
+    'l8.english.layer1.remoe': M(8, lambda r: by_label(r.val(8, 'remoe'), 1, 'experts_per_token_by_label', 'english'),
+                                 'experts'),
+    'l8.no_expert.layer1.remoe': M(8, lambda r: no_expert_share(r.val(8, 'remoe'), 1), 'top_share'),
 }
 TAG = re.compile(r'(\d[\d,]*(?:\.\d+)?)(%?)<!-- ([\w.]+) -->')
 # the files whose numbers are checked: the answers, and each lesson's "what you should see"

@@ -95,6 +95,12 @@ EXERCISES = {
         'routers.py:variance_loss': ['test_routers.py::test_variance_loss_by_hand'],
         'metrics.py:routing_variance': ['tests/test_metrics.py::test_routing_variance_by_hand'],
     }),
+    8: Exercise("top-p's selection and ReMoE's coefficient", '8-dynamic-k.md', {
+        'routers.py:top_p_keep': ['test_routers.py::test_top_p_keep_by_hand',
+                                  'test_routers.py::test_topp_router_by_hand'],
+        'routers.py:remoe_coefficient_step': ['test_routers.py::test_remoe_coefficient_step_by_hand',
+                                              'test_routers.py::test_remoe_coefficient_follows_the_sparsity_of_each_step'],
+    }),
 }
 
 

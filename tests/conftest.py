@@ -13,7 +13,7 @@ from forkrun import REPO, ForkRunner
 sys.path.insert(0, REPO)  # the project's modules, whether pytest runs from the repository or from tests/
 
 
-# Tests marked slow (lessons 2-6's numbers, about 6 minutes on 2 cores) run only when asked:
+# Tests marked slow (the numbers of lessons 2-8, about 7 minutes on 2 cores) run only when asked:
 #   python -m pytest -q --run-slow tests/test_answers.py
 def pytest_addoption(parser):
     parser.addoption('--run-slow', action='store_true', help="also run the tests marked slow")

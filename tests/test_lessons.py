@@ -191,6 +191,20 @@ MUTANTS = {
         ('metrics.py:routing_variance', 'unbiased variance', 'return F.softmax(logits.float(), dim=-1).var(dim=-1)'),
         ('metrics.py:routing_variance', 'standard deviation', 'return F.softmax(logits.float(), dim=-1).std(dim=-1, unbiased=False)'),
     ],
+    8: [
+        ('routers.py:top_p_keep', 'a candidate counted in its own sum: the one that reaches p is dropped',
+         'return sorted_probs.cumsum(dim=-1) < top_p'),
+        ('routers.py:top_p_keep', 'a prefix that reaches p exactly takes one more (> p, not >= p)',
+         'mass_before = F.pad(sorted_probs.cumsum(dim=-1)[:, :-1], (1, 0))\nreturn mass_before <= top_p'),
+        ('routers.py:top_p_keep', 'one expert past p',
+         'mass_before = F.pad(sorted_probs.cumsum(dim=-1)[:, :-2], (2, 0))\nreturn mass_before < top_p'),
+        ('routers.py:remoe_coefficient_step', 'the sign reversed',
+         'return coef * multiplier ** torch.sign(sparsity - target_sparsity)'),
+        ('routers.py:remoe_coefficient_step', 'a step proportional to the gap, not its sign',
+         'return coef * multiplier ** (target_sparsity - sparsity)'),
+        ('routers.py:remoe_coefficient_step', 'added, not multiplied',
+         'return coef + multiplier * torch.sign(target_sparsity - sparsity)'),
+    ],
 }
 
 
