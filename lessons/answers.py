@@ -136,7 +136,7 @@ TOLERANCES = {
     'overlap': (0, 0.02),  # 0.003
     'routing_variance': (0.2, 0.001),  # 3% of the value
     'count': (0, 0),
-    'experts': (0, 0.15),  # experts per token
+    'experts': (0, 0.05),  # experts per token: 0.016 (lesson 8 with AVX2 kernels; no two-thread run)
 }
 
 
