@@ -23,6 +23,7 @@ beyond the loss), faults.py (Ctrl-C and SIGTERM, a non-finite loss, one run per 
 system.py (device, DDP).
 """
 
+import gc
 import json
 import math
 import os
@@ -480,6 +481,9 @@ while True:
     iter_num += 1
     local_iter_num += 1
 
+if ddp:  # DDP's reducer holds gloo's work objects: free them while the process group still lives
+    del model
+    gc.collect()
 ddp_sync.finish(raw_model)  # every rank must end with the same model: checked, then the ranks leave together
 if master_process and not eval_only:  # what the run left, and where to go from here
     saved = f"checkpoint {ckpt_path} (iter {saved_iter})" if saved_iter is not None else "no checkpoint saved"
