@@ -13,6 +13,7 @@ routers = ['topk', 'topp-0.33', 'remoe', 'topk-null', 'topk-ga4', 'topk-ga4-glob
 variants = {
     'topp-0.33': dict(router='topp', top_p=0.33),  # tuned: 0.3 gave 1.87 experts per token, 0.4 gave 2.38
     'topk-null': dict(router='topk', top_k=3, n_null_exp=3),  # tuned: 2 null experts gave 2.28, 4 gave 1.82
+    # (their evals score eval_iters x 4 = 40 val sequences, the other rows 160: compare these two with each other)
     'topk-ga4': dict(router='topk', batch_size=4, gradient_accumulation_steps=4),
     'topk-ga4-global': dict(router='topk', batch_size=4, gradient_accumulation_steps=4, balance_scope='global'),
 }
