@@ -78,10 +78,6 @@ def layer(line, index, key):
     return line['layers'][index][key]
 
 
-def layers_mean(line, key):
-    return sum(entry[key] for entry in line['layers']) / len(line['layers'])
-
-
 def top_share(line, domain, index=0):
     """The share of a domain's tokens whose top-1 expert in layer `index` is that domain's
     most common one (expert_label_counts: expert x domain, each token counted once)."""
@@ -183,8 +179,8 @@ MEASURES = {
     'l2.val_loss.aux': M(2, lambda r: r.stats(2, 'topk')['val_loss'], 'val_loss'),
     'l2.zero_token_experts.noaux': M(2, lambda r: r.stats(2, 'topk-noaux')['zero_token_experts'], 'zero_token'),
     # lesson 3: DeepSeek-V3's bias
-    'l3.max_vio50.aux_free': M(3, lambda r: layers_mean(r.val(3, 'aux_free', 50), 'max_vio'), 'balance'),
-    'l3.max_vio150.aux_free': M(3, lambda r: layers_mean(r.val(3, 'aux_free', 150), 'max_vio'), 'balance'),
+    'l3.max_vio50.aux_free': M(3, lambda r: compare.layer_mean(r.val(3, 'aux_free', 50), 'max_vio'), 'balance'),
+    'l3.max_vio150.aux_free': M(3, lambda r: compare.layer_mean(r.val(3, 'aux_free', 150), 'max_vio'), 'balance'),
     'l3.max_vio.aux_free': M(3, lambda r: r.stats(3, 'aux_free')['max_vio'], 'balance'),
     'l3.max_vio.frozen': M(3, lambda r: r.stats(3, 'aux_free-frozen')['max_vio'], 'balance'),
     'l3.max_vio.noaux': M(3, lambda r: r.stats(3, 'topk-noaux')['max_vio'], 'balance'),
@@ -239,9 +235,9 @@ MEASURES = {
     'l8.ept.layer1.topp': M(8, lambda r: layer(r.val(8, 'topp'), 1, 'experts_per_token'), 'experts'),
     'l8.ept.layer0.remoe': M(8, lambda r: layer(r.val(8, 'remoe'), 0, 'experts_per_token'), 'experts'),
     'l8.ept.layer1.remoe': M(8, lambda r: layer(r.val(8, 'remoe'), 1, 'experts_per_token'), 'experts'),
-    'l8.ept0.topp': M(8, lambda r: layers_mean(first_train(r, 8, 'topp'), 'experts_per_token'), 'step0'),
-    'l8.ept50.remoe': M(8, lambda r: layers_mean(train_at(r, 8, 'remoe', 50), 'experts_per_token'), 'experts'),
-    'l8.ept100.remoe': M(8, lambda r: layers_mean(train_at(r, 8, 'remoe', 100), 'experts_per_token'), 'experts'),
+    'l8.ept0.topp': M(8, lambda r: compare.layer_mean(first_train(r, 8, 'topp'), 'experts_per_token'), 'step0'),
+    'l8.ept50.remoe': M(8, lambda r: compare.layer_mean(train_at(r, 8, 'remoe', 50), 'experts_per_token'), 'experts'),
+    'l8.ept100.remoe': M(8, lambda r: compare.layer_mean(train_at(r, 8, 'remoe', 100), 'experts_per_token'), 'experts'),
     'l8.english.layer1.remoe': M(8, lambda r: by_label(r.val(8, 'remoe'), 1, 'experts_per_token_by_label', 'english'),
                                  'experts'),
     'l8.no_expert.layer1.remoe': M(8, lambda r: no_expert_share(r.val(8, 'remoe'), 1), 'top_share'),
@@ -304,6 +300,8 @@ def measure(lessons, runs_dir):
         if m.lesson in lessons:
             try:
                 measured[name] = m.read(runs)
+                if measured[name] is None:  # compare's means give None when no layer logs the field
+                    raise KeyError("not logged")
             except (KeyError, IndexError, StopIteration, TypeError, ZeroDivisionError) as e:
                 raise ValueError(f"cannot read {name} from the runs in {runs_dir} ({type(e).__name__}: {e}); "
                                  f"delete out-lesson{m.lesson}/ there and run again") from None
